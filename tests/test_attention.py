@@ -370,3 +370,25 @@ def test_bad_input_raises_value_error(name):
     call, message = BAD_CALLS[name]
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         call()
+
+
+def nan_for_empty_rows(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, enable_gqa=False):
+    "Stands in for a fused GPU kernel that returns NaN for a query whose mask row is all False."
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                         enable_gqa=enable_gqa)
+    return out if attn_mask is None else out.masked_fill(~attn_mask.any(-1, keepdim=True), float("nan"))
+
+
+@pytest.mark.parametrize("module", ["mha", "gqa"])
+def test_rows_that_see_nothing_are_zero_whatever_the_kernel(module, monkeypatch):
+    import llm_book.core.multi_head_attention as mha_module
+    target = mha_module if module == "mha" else gqa_module
+    monkeypatch.setattr(target, "F", type("FakeF", (), {"scaled_dot_product_attention": staticmethod(nan_for_empty_rows)}))
+    attention = MultiHeadAttention(32, 4) if module == "mha" else GroupQueryAttention(32, 4, 2)
+    x = torch.randn(2, 5, 32)
+    attention_mask = torch.tensor([[False, False, True, True, True], [False] * 5])   # row 1: only padding
+    with torch.no_grad():
+        fast = attention(x, attention_mask)
+        attention.use_sdpa = False
+        torch.testing.assert_close(fast, attention(x, attention_mask), atol=1e-6, rtol=1e-5)
+    assert torch.isfinite(fast).all()

@@ -214,12 +214,13 @@ def test_generate_preallocates_the_cache():
     assert cache[0].keys is buffer and cache[0].capacity == 20
 
 
+@pytest.mark.parametrize("arch", MODELS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_returns_float32_logits(dtype):
-    model = build("llama")
+def test_half_precision_returns_float32_logits(arch, dtype):
+    model = build(arch)
     ids = random_ids(2, 6)
     reference = model(ids)
-    half = build("llama").to(dtype)
+    half = build(arch).to(dtype)
     logits = half(ids)
     assert logits.dtype == torch.float32
     torch.testing.assert_close(logits, reference, atol=0.1, rtol=0)
@@ -412,3 +413,48 @@ def test_rolling_cache_memory_bounded():
         cache.update(k, k, torch.tensor([[step]]), torch.ones(1, 1, dtype=torch.bool))
     assert cache.capacity == 5 and cache.num_seen == 200
     assert sorted(cache.positions[0].tolist()) == list(range(195, 200))
+
+
+# ---------------------------------------------------------------- numerical truth: Hugging Face Transformers
+def hf_llama_state_dict(hf_state, num_layers):
+    "Hugging Face LLaMA/Mistral names -> ours (fused [q|k|v] and [gate|up] projections)."
+    new = {"token_embeddings.embedding.weight": hf_state["model.embed_tokens.weight"],
+           "final_norm.weight": hf_state["model.norm.weight"], "lm_head.weight": hf_state["lm_head.weight"]}
+    for i in range(num_layers):
+        hf = lambda name: hf_state[f"model.layers.{i}.{name}.weight"]
+        new[f"layers.{i}.attention.qkv_proj.weight"] = torch.cat([hf("self_attn.q_proj"), hf("self_attn.k_proj"),
+                                                                  hf("self_attn.v_proj")])
+        new[f"layers.{i}.attention.out_proj.weight"] = hf("self_attn.o_proj")
+        new[f"layers.{i}.feed_forward.gate_up_proj.weight"] = torch.cat([hf("mlp.gate_proj"), hf("mlp.up_proj")])
+        new[f"layers.{i}.feed_forward.down_proj.weight"] = hf("mlp.down_proj")
+        new[f"layers.{i}.attention_norm.weight"] = hf("input_layernorm")
+        new[f"layers.{i}.ffn_norm.weight"] = hf("post_attention_layernorm")
+    return new
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_matches_hugging_face(arch):
+    "Random tiny HF model, weights copied over: same logits, also far past Mistral's window and with padding."
+    transformers = pytest.importorskip("transformers")
+    model = build(arch)
+    c = model.config
+    kwargs = dict(vocab_size=c["vocab_size"], hidden_size=c["embed_dim"], intermediate_size=c["hidden_dim"],
+                  num_hidden_layers=c["num_layers"], num_attention_heads=c["num_heads"],
+                  num_key_value_heads=c["num_kv_heads"], max_position_embeddings=c["max_position_embeddings"],
+                  rms_norm_eps=c["norm_eps"], rope_theta=c["rope_base"], attn_implementation="eager")
+    torch.manual_seed(0)
+    if arch == "mistral":
+        hf = transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=c["window_size"], **kwargs))
+    else:
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kwargs))
+    hf.eval()
+    model.load_state_dict(hf_llama_state_dict(hf.state_dict(), c["num_layers"]))
+    ids = random_ids(2, 5 * 8)
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[1, :5] = False
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-5, rtol=0)
+        theirs = hf(ids, attention_mask=mask.long()).logits
+    ours = model(ids, mask)
+    torch.testing.assert_close(ours[0], theirs[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours[1, 5:], theirs[1, 5:], atol=1e-5, rtol=0)

@@ -254,10 +254,10 @@ def browser_report(site) -> dict:
             start = time.time()
             tools.send("Page.navigate", url=url)
             tools.wait_event("Page.loadEventFired", timeout=30)
-            mathjax = None
-            while time.time() - start < 30:  # MathJax typesets after the load event
-                mathjax = tools.evaluate("document.documentElement.getAttribute('data-mathjax')")
-                if mathjax == "done":
+            while time.time() - start < 15:  # MathJax typesets after the load event (the probe reports if not)
+                state = tools.evaluate("window.MathJax ? document.documentElement.getAttribute('data-mathjax') "
+                                       ": 'not loaded'")
+                if state in ("done", "not loaded"):
                     break
                 time.sleep(0.05)
             probe = tools.evaluate(PAGE_PROBE)

@@ -297,3 +297,20 @@ def test_save_is_atomic(trained, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         trained["gpt4"].save(path)
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["tok.json"]
+
+
+def test_training_progress_bar(capsys):
+    tok = BPETokenizer.train([VARIED_TEXT] * 3, 270, verbose=True)
+    assert "BPE merges" in capsys.readouterr().err
+    assert tok.vocab_size == 270 and tok.decode(tok.encode("lowest")) == "lowest"
+
+
+def test_ignore_merges_matches_hugging_face(trained, tmp_path):
+    "LLaMA 3-style `ignore_merges`: a chunk that is itself a token is not split; Hugging Face agrees."
+    from tokenizers import Tokenizer
+    base = trained["gpt4"]
+    tok = BPETokenizer(base.vocab, base.merges, base.special_tokens, pattern="gpt4", ignore_merges=True)
+    assert tok.tiktoken_encoding() is None                       # such vocabularies stay on the Python path
+    tok.save_hf(tmp_path)
+    hf = Tokenizer.from_file(str(tmp_path/"tokenizer.json"))
+    assert hf.encode(VARIED_TEXT).ids == tok.encode(VARIED_TEXT, allowed_special="all")

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['position_mask', 'GroupQueryAttention', 'check_positions']
 
-# %% ../../nbs/07_group_query_attention.ipynb #1823910d
+# %% ../../nbs/07_group_query_attention.ipynb #3e2be446
 import torch
 import torch.nn.functional as F
 from fastcore.basics import patch
@@ -13,7 +13,7 @@ from torch import nn
 
 from .head_attention import check_attention_mask, check_hidden_states, scaled_dot_product_attention
 
-# %% ../../nbs/07_group_query_attention.ipynb #faa385ce
+# %% ../../nbs/07_group_query_attention.ipynb #7c582fb1
 def position_mask(
     query_positions:torch.Tensor, # (T,) or (B, T) int64 absolute positions of the queries
     key_positions:torch.Tensor, # (S,) or (B, S) int64 absolute positions of the keys, slots in any order
@@ -29,7 +29,7 @@ def position_mask(
         mask = mask & key_mask[..., None, :]                                   # no padding keys
     return mask
 
-# %% ../../nbs/07_group_query_attention.ipynb #f3817ee4
+# %% ../../nbs/07_group_query_attention.ipynb #a01e2f54
 class GroupQueryAttention(nn.Module):
     "Causal self-attention in which groups of query heads share key/value heads (MHA, GQA and MQA in one)."
     def __init__(self,
@@ -59,7 +59,7 @@ class GroupQueryAttention(nn.Module):
         self.qkv_proj = nn.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=bias)  # [q|k|v]
         self.out_proj = nn.Linear(num_heads * self.head_dim, embed_dim, bias=bias)
 
-# %% ../../nbs/07_group_query_attention.ipynb #08b38d33
+# %% ../../nbs/07_group_query_attention.ipynb #1e38c114
 def check_positions(
     positions:torch.Tensor, # expected (T,) or (B, T) int64
     batch_size:int, # B of the input
@@ -72,7 +72,7 @@ def check_positions(
         raise ValueError(f"positions has shape {tuple(positions.shape)}, expected (T,) = ({seq_len},) "
                          f"or (B, T) = ({batch_size}, {seq_len})")
 
-# %% ../../nbs/07_group_query_attention.ipynb #f6bcc872
+# %% ../../nbs/07_group_query_attention.ipynb #7499e4f9
 @patch
 def forward(self:GroupQueryAttention,
             x:torch.Tensor, # (B, T, C) features of the T new tokens
@@ -106,7 +106,7 @@ def forward(self:GroupQueryAttention,
     out = self.attend(q, k, v, positions, key_positions, key_mask, plain_causal)  # (B, H, T, hd)
     return self.out_proj(out.transpose(1, 2).reshape(B, T, H * hd))               # (B, T, C)
 
-# %% ../../nbs/07_group_query_attention.ipynb #514c142c
+# %% ../../nbs/07_group_query_attention.ipynb #34abbf1b
 @patch
 def attend(self:GroupQueryAttention,
            q:torch.Tensor, # (B, H, T, hd) queries

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['split_heads', 'merge_heads', 'MultiHeadAttention']
 
-# %% ../../nbs/02_multi_head_attention.ipynb #bd192d38
+# %% ../../nbs/02_multi_head_attention.ipynb #7fdc365a
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,7 +13,7 @@ from torch import nn
 from .head_attention import (causal_mask, check_attention_mask, check_hidden_states,
                                           scaled_dot_product_attention)
 
-# %% ../../nbs/02_multi_head_attention.ipynb #ce04b17c
+# %% ../../nbs/02_multi_head_attention.ipynb #5d37bffe
 def split_heads(
     x:torch.Tensor, # (B, T, C) features, C = num_heads * head_dim
     num_heads:int, # H, the number of heads
@@ -31,7 +31,7 @@ def merge_heads(
     B, H, T, head_dim = x.shape
     return x.transpose(1, 2).reshape(B, T, H * head_dim)                 # (B, T, H, hd) -> (B, T, C)
 
-# %% ../../nbs/02_multi_head_attention.ipynb #7cd94a00
+# %% ../../nbs/02_multi_head_attention.ipynb #b29b8d6a
 class MultiHeadAttention(nn.Module):
     "Multi-head self-attention with a fused q|k|v projection; PyTorch's SDPA or the explicit formula."
     def __init__(self,
@@ -65,9 +65,9 @@ class MultiHeadAttention(nn.Module):
             mask = keys if mask is None else mask & keys                       # (B, 1, T, T)
         if self.use_sdpa and attention_mask is None:                           # no mask tensor needed at all
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=self.causal)
-        elif self.use_sdpa:                                                    # a query that sees nothing -> 0,
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)   # as explicitly
-            out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)            # (not all GPU kernels do)
+        elif self.use_sdpa:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)            # a query that sees nothing -> 0
         else:
             out, _ = scaled_dot_product_attention(q, k, v, mask, dropout_p)    # (B, H, T, hd)
         return self.out_proj(merge_heads(out))                                 # (B, T, C)
