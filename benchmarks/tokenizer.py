@@ -68,6 +68,14 @@ def main():
     print(f"       tokenizers:               {megabytes / hf_enc_seconds:6.2f} MB/s "
           f"| tiktoken / tokenizers speed {hf_enc_seconds / tk_seconds:5.2f}x (target >= 1)")
 
+    # ---- batches: tokenizers parallelises encode_batch over its Rust threads ----
+    paragraphs = text.split("\n\n")
+    ours_batch, ours_batch_ids = best_time(lambda: ours.encode_batch(paragraphs))
+    hf_batch, hf_batch_enc = best_time(lambda: hf_same.encode_batch(paragraphs))
+    assert ours_batch_ids == [e.ids for e in hf_batch_enc], "encode_batch disagrees"
+    print(f"       encode_batch ({len(paragraphs)} paragraphs): llm_book {megabytes / ours_batch:6.2f} MB/s | "
+          f"tokenizers {megabytes / hf_batch:6.2f} MB/s | ratio {hf_batch / ours_batch:5.2f}x")
+
     # ---- encoding with the real SmolLM2 vocabulary (ranks != ids) ----
     gguf = smollm2_gguf_path()
     if gguf is not None:

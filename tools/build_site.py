@@ -126,9 +126,12 @@ def run_proc_nbs(notebooks: list) -> dict:
             except Exception as exc:
                 cause = exc.__cause__ or exc
                 errors[rel] = f"{exc}\n{type(cause).__name__}: {cause}"
-                if isinstance(cause, NameError):
-                    errors[rel] += ("\nnbdev runs every cell that contains an import (so that show_doc works): "
-                                    "keep imports in their own cell, apart from code that needs earlier cells.")
+                imports = re.findall(r"^\s*((?:from\s+\S+\s+)?import\s.+?)\s*$", str(exc), flags=re.MULTILINE)
+                if isinstance(cause, NameError) and imports:
+                    errors[rel] += ("\nnbdev_docs runs every cell that contains an import (so that show_doc works), "
+                                    "and this cell also uses names from earlier cells. Move "
+                                    + ", ".join(f"`{i}`" for i in imports) + " into a cell of its own (or the "
+                                    "notebook's imports cell); see nbdev's FAQ on 'cells containing imports'.")
                 if dst.exists():
                     dst.unlink()
     return errors
@@ -496,7 +499,11 @@ def page_info(rel: Path, error: str = None) -> dict:
             "error": error}
     if error is not None:  # title and summary from the source notebook's H1 and `>` line, as nbdev would
         from nbdev.frontmatter import _md2dict
-        for cell in nbformat.read(NBS / rel, as_version=4).cells:
+        try:
+            cells = nbformat.read(NBS / rel, as_version=4).cells
+        except Exception:  # not even valid JSON (being written?): the file name gives the title
+            cells = []
+        for cell in cells:
             fm = _md2dict(cell.source) if cell.cell_type == "markdown" else {}
             if fm:
                 info["title"], info["description"] = fm["title"], fm.get("description", "")

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['DDP_CHECK_SCRIPT', 'DistributedInfo', 'setup_distributed', 'cleanup_distributed', 'child_env', 'launch']
 
-# %% ../../nbs/35_distributed.ipynb #44a98968
+# %% ../../nbs/35_distributed.ipynb #a6aa5eab
 import os
 import subprocess
 import sys
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-# %% ../../nbs/35_distributed.ipynb #e76b256f
+# %% ../../nbs/35_distributed.ipynb #93d79556
 @dataclass
 class DistributedInfo:
     "Where this process stands in a (possibly single-process) run."
@@ -43,9 +43,11 @@ def setup_distributed(backend:str|None=None, # None: 'nccl' with CUDA, else 'glo
 
 def cleanup_distributed():
     "Leave the process group (if any) so the processes exit cleanly."
-    if dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()   # no rank tears down its connections while another still uses them
+        dist.destroy_process_group()
 
-# %% ../../nbs/35_distributed.ipynb #e52b2c2b
+# %% ../../nbs/35_distributed.ipynb #1f5001ac
 def child_env(**extra) -> dict:
     "The environment for child processes: this one, plus `PYTHONPATH` so they import this same `llm_book`."
     import llm_book
@@ -69,7 +71,7 @@ def launch(script:str|Path, # the Python script every rank runs
         raise RuntimeError(f"torchrun exited with {result.returncode}:\n{result.stderr[-3000:]}")
     return result
 
-# %% ../../nbs/35_distributed.ipynb #842e2273
+# %% ../../nbs/35_distributed.ipynb #eb3e5e07
 DDP_CHECK_SCRIPT = '''
 import json, sys, torch
 from torch import nn

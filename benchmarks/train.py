@@ -1,0 +1,113 @@
+"""Training benchmark: nanoGPT's CPU recipe on tiny-shakespeare (character level) with llm_book's Trainer.
+
+Recipe (nanoGPT README, "I only have a macbook"): GPT-2 architecture, 4 layers, 4 heads, 128 dims, block 64,
+batch 12, no dropout, no biases, lr 1e-3 cosine to 1e-4 over the run, warm-up 100, beta2 0.99, weight decay 0.1,
+grad clip 1.0, 2000 steps, 90/10 split. Target: val loss <= 1.88, and a Trainer step no slower than a plain
+PyTorch loop over the same model (measured in this run, interleaved, ratio printed).
+Also printed: peak memory and model FLOPs utilisation against this machine's measured matmul throughput.
+Run: .venv/bin/python benchmarks/train.py [--steps N]; the last line is `val_loss=<float> ms_per_step=<median>`.
+"""
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from llm_book.datasets.text_dataset import TextDataset, train_val_split
+from llm_book.models.configs import get_config
+from llm_book.models.gpt import GPT2
+from llm_book.tokenizers.char_tokenizer import CharTokenizer
+from llm_book.training.optimizer import configure_optimizer
+from llm_book.training.trainer import Trainer, measure_matmul_flops, peak_memory_mb, training_flops_per_token
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+BLOCK, BATCH = 64, 12
+
+
+def make_model(vocab_size):
+    torch.manual_seed(1337)
+    config = get_config("gpt2", vocab_size=vocab_size, embed_dim=128, num_heads=4, num_layers=4, hidden_dim=512,
+                        max_position_embeddings=BLOCK, dropout=0.0, bias=False)
+    return GPT2(config)
+
+
+def plain_loop_ms(model, train_ids, steps):
+    "Median ms per step of a plain nanoGPT-style loop: random windows, forward, backward, clip, AdamW step."
+    optimizer = configure_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.99))
+    generator = torch.Generator().manual_seed(0)
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        starts = torch.randint(len(train_ids) - BLOCK - 1, (BATCH,), generator=generator)
+        x = torch.stack([train_ids[s : s + BLOCK] for s in starts])
+        y = torch.stack([train_ids[s + 1 : s + 1 + BLOCK] for s in starts])
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times[3:])   # skip the warm-up steps
+
+
+def trainer_ms(model, train_ds, steps):
+    "Median ms per step of the Trainer on the same model, no evaluation."
+    trainer = Trainer(model, train_ds, max_steps=steps, batch_size=BATCH, lr=1e-3, min_lr=1e-4, warmup_steps=10,
+                      beta2=0.99, eval_interval=0, progress=False)
+    for _ in range(steps): trainer.train_step()
+    return statistics.median(trainer.step_times[3:])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--timing-steps", type=int, default=40, help="steps per interleaved speed-comparison round")
+    args = parser.parse_args()
+
+    text = DATA.read_text(encoding="utf-8")
+    tokenizer = CharTokenizer.train(text)
+    train_ids, val_ids = train_val_split(tokenizer.encode(text), 0.1)
+    train_ds, val_ds = TextDataset(train_ids, BLOCK, stride=1), TextDataset(val_ids, BLOCK, stride=1)
+    print(f"tiny-shakespeare: {len(text):,} characters, vocab {tokenizer.vocab_size}, train {len(train_ids):,} / val {len(val_ids):,} tokens; "
+          f"torch threads {torch.get_num_threads()}")
+
+    # 1. Speed: Trainer vs a plain loop over the same model, interleaved in rounds so machine noise hits both alike.
+    plain, ours = [], []
+    for _ in range(3):
+        plain.append(plain_loop_ms(make_model(tokenizer.vocab_size), train_ids, args.timing_steps))
+        ours.append(trainer_ms(make_model(tokenizer.vocab_size), train_ds, args.timing_steps))
+    plain_ms, our_ms = statistics.median(plain), statistics.median(ours)
+    print(f"step time: Trainer {our_ms:.1f} ms, plain PyTorch loop {plain_ms:.1f} ms, ratio Trainer/plain {our_ms / plain_ms:.3f} "
+          f"(rounds: trainer {[round(t, 1) for t in ours]}, plain {[round(t, 1) for t in plain]})")
+
+    # 2. The recipe: 2000 steps with the Trainer.
+    model = make_model(tokenizer.vocab_size)
+    warmup = min(100, args.steps // 5)
+    trainer = Trainer(model, train_ds, val_ds, max_steps=args.steps, batch_size=BATCH, lr=1e-3, min_lr=1e-4, warmup_steps=warmup,
+                      beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_interval=max(args.steps // 4, 1), eval_batches=20,
+                      log_interval=50, progress=False, seed=1337)
+    started = time.time()
+    for row in trainer.fit():
+        if row["split"] == "val": print(f"  step {row['step']:5d}: val loss {row['loss']:.4f}")
+    train_seconds = time.time() - started
+    final = trainer.evaluate(num_batches=200)   # 2400 windows of the validation split
+    run_ms = statistics.median(trainer.step_times)
+
+    # 3. Model FLOPs utilisation against this machine's measured fp32 matmul rate.
+    num_params = sum(p.numel() for p in model.parameters()) - model.position_embeddings.embedding.weight.numel()
+    flops_per_token = training_flops_per_token(num_params, 4, 128, BLOCK)
+    achieved = flops_per_token * BATCH * BLOCK / (run_ms / 1000)
+    peak = measure_matmul_flops(1024, repeats=10)
+    print(f"model: {num_params:,} non-position parameters; {flops_per_token / 1e6:.2f} MFLOP per token; "
+          f"achieved {achieved / 1e9:.2f} GFLOP/s vs measured matmul peak {peak / 1e9:.1f} GFLOP/s: MFU {100 * achieved / peak:.1f}%")
+    print(f"peak memory (max RSS): {peak_memory_mb():.0f} MB; {args.steps} steps in {train_seconds:.0f} s")
+    print(f"final val loss (200 batches) {final['loss']:.4f} (target <= 1.88: {'met' if final['loss'] <= 1.88 else 'NOT met'}); "
+          f"Trainer/plain step-time ratio {our_ms / plain_ms:.3f} (target <= 1: {'met' if our_ms <= plain_ms else 'not met (noise?)'})")
+    print(f"val_loss={final['loss']:.4f} ms_per_step={run_ms:.2f}")
+
+
+if __name__ == "__main__":
+    main()
