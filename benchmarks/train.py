@@ -3,7 +3,7 @@
 Recipe (nanoGPT README, "I only have a macbook"): GPT-2 architecture, 4 layers, 4 heads, 128 dims, block 64,
 batch 12, no dropout, no biases, lr 1e-3 cosine to 1e-4 over the run, warm-up 100, beta2 0.99, weight decay 0.1,
 grad clip 1.0, 2000 steps, 90/10 split. Target: val loss <= 1.88, and a Trainer step no slower than a plain
-PyTorch loop over the same model (measured in this run, interleaved, ratio printed).
+PyTorch loop over the same model (measured in this run, alternating step by step, ratio printed).
 Also printed: peak memory and model FLOPs utilisation against this machine's measured matmul throughput.
 Run: .venv/bin/python benchmarks/train.py [--steps N]; the last line is `val_loss=<float> ms_per_step=<median>`.
 """
@@ -33,38 +33,42 @@ def make_model(vocab_size):
     return GPT2(config)
 
 
-def plain_loop_ms(model, train_ids, steps):
-    "Median ms per step of a plain nanoGPT-style loop: random windows, forward, backward, clip, AdamW step."
-    optimizer = configure_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.99))
-    generator = torch.Generator().manual_seed(0)
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        starts = torch.randint(len(train_ids) - BLOCK - 1, (BATCH,), generator=generator)
-        x = torch.stack([train_ids[s : s + BLOCK] for s in starts])
-        y = torch.stack([train_ids[s + 1 : s + 1 + BLOCK] for s in starts])
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+class PlainLoop:
+    "A plain nanoGPT-style training step: random windows, forward, backward, clip, AdamW step."
+    def __init__(self, model, train_ids):
+        self.model, self.train_ids = model, train_ids
+        self.optimizer = configure_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.99))
+        self.generator = torch.Generator().manual_seed(0)
+
+    def step(self):
+        starts = torch.randint(len(self.train_ids) - BLOCK - 1, (BATCH,), generator=self.generator)
+        x = torch.stack([self.train_ids[s : s + BLOCK] for s in starts])
+        y = torch.stack([self.train_ids[s + 1 : s + 1 + BLOCK] for s in starts])
+        loss = F.cross_entropy(self.model(x).flatten(0, 1), y.flatten())
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss.item()
-        times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times[3:])   # skip the warm-up steps
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
 
 
-def trainer_ms(model, train_ds, steps):
-    "Median ms per step of the Trainer on the same model, no evaluation."
-    trainer = Trainer(model, train_ds, max_steps=steps, batch_size=BATCH, lr=1e-3, min_lr=1e-4, warmup_steps=10,
-                      beta2=0.99, eval_interval=0, progress=False)
-    for _ in range(steps): trainer.train_step()
-    return statistics.median(trainer.step_times[3:])
+def compare_step_times(vocab_size, train_ids, train_ds, steps):
+    "Median ms per step of the Trainer and of the plain loop, alternating step by step so load spikes hit both."
+    plain = PlainLoop(make_model(vocab_size), train_ids)
+    trainer = Trainer(make_model(vocab_size), train_ds, max_steps=steps, batch_size=BATCH, lr=1e-3, min_lr=1e-4,
+                      warmup_steps=10, beta2=0.99, eval_interval=0, progress=False)
+    plain_times = []
+    for _ in range(steps):
+        started = time.perf_counter(); plain.step(); plain_times.append((time.perf_counter() - started) * 1000)
+        trainer.train_step()
+    skip = min(5, steps // 4)   # warm-up steps
+    return statistics.median(trainer.step_times[skip:]), statistics.median(plain_times[skip:])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--timing-steps", type=int, default=40, help="steps per interleaved speed-comparison round")
+    parser.add_argument("--timing-steps", type=int, default=100, help="steps of each loop in the speed comparison")
     args = parser.parse_args()
 
     text = DATA.read_text(encoding="utf-8")
@@ -74,14 +78,10 @@ def main():
     print(f"tiny-shakespeare: {len(text):,} characters, vocab {tokenizer.vocab_size}, train {len(train_ids):,} / val {len(val_ids):,} tokens; "
           f"torch threads {torch.get_num_threads()}")
 
-    # 1. Speed: Trainer vs a plain loop over the same model, interleaved in rounds so machine noise hits both alike.
-    plain, ours = [], []
-    for _ in range(3):
-        plain.append(plain_loop_ms(make_model(tokenizer.vocab_size), train_ids, args.timing_steps))
-        ours.append(trainer_ms(make_model(tokenizer.vocab_size), train_ds, args.timing_steps))
-    plain_ms, our_ms = statistics.median(plain), statistics.median(ours)
-    print(f"step time: Trainer {our_ms:.1f} ms, plain PyTorch loop {plain_ms:.1f} ms, ratio Trainer/plain {our_ms / plain_ms:.3f} "
-          f"(rounds: trainer {[round(t, 1) for t in ours]}, plain {[round(t, 1) for t in plain]})")
+    # 1. Speed: Trainer vs a plain loop over the same model, alternating step by step so machine noise hits both alike.
+    our_ms, plain_ms = compare_step_times(tokenizer.vocab_size, train_ids, train_ds, args.timing_steps)
+    print(f"step time ({args.timing_steps} alternating steps each): Trainer {our_ms:.1f} ms, plain PyTorch loop {plain_ms:.1f} ms, "
+          f"ratio Trainer/plain {our_ms / plain_ms:.3f}")
 
     # 2. The recipe: 2000 steps with the Trainer.
     model = make_model(tokenizer.vocab_size)

@@ -9,7 +9,7 @@ __all__ = ['CHECKPOINT_FORMAT', 'LOG_FIELDS', 'TrainerConfig', 'atomic_save_safe
            'save_checkpoint', 'load_checkpoint', 'read_log', 'write_csv', 'log', 'plot_losses', 'fit',
            'training_flops_per_token', 'measure_matmul_flops', 'peak_memory_mb']
 
-# %% ../../nbs/34_trainer.ipynb #3f458ff3
+# %% ../../nbs/34_trainer.ipynb #33a059cb
 import contextlib
 import csv
 import json
@@ -35,7 +35,7 @@ from tqdm import tqdm
 from .optimizer import configure_optimizer
 from .scheduler import get_scheduler
 
-# %% ../../nbs/34_trainer.ipynb #a8853820
+# %% ../../nbs/34_trainer.ipynb #3e6b8171
 @dataclass
 class TrainerConfig:
     "Everything that defines a training run; saved in each checkpoint."
@@ -74,7 +74,7 @@ class TrainerConfig:
         if self.grad_clip is not None and self.grad_clip <= 0: raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
         if self.mixed_precision not in ("auto", "bf16", "no"): raise ValueError(f"mixed_precision must be 'auto', 'bf16' or 'no', got {self.mixed_precision!r}")
 
-# %% ../../nbs/34_trainer.ipynb #610712fc
+# %% ../../nbs/34_trainer.ipynb #e3a228e7
 CHECKPOINT_FORMAT = "llm_book-trainer-checkpoint/1"
 
 def atomic_save_safetensors(tensors:dict, # name -> tensor
@@ -108,7 +108,7 @@ def read_checkpoint(path:str|Path, # a file written by `Trainer.save_checkpoint`
         raise ValueError(f"checkpoint {str(path)!r} is not an llm_book trainer checkpoint (format {metadata.get('format')!r})")
     return tensors, metadata
 
-# %% ../../nbs/34_trainer.ipynb #4181de64
+# %% ../../nbs/34_trainer.ipynb #ffd95046
 def model_state_tensors(model:nn.Module) -> tuple[dict, dict]:
     "`(tensors, aliases)`: the state dict with each shared storage once, and alias name -> stored name."
     tensors, aliases, seen = {}, {}, {}
@@ -135,13 +135,13 @@ def load_model_weights(model:nn.Module, # the model to fill
     model.load_state_dict(state)
     return metadata
 
-# %% ../../nbs/34_trainer.ipynb #2b0da619
+# %% ../../nbs/34_trainer.ipynb #b0fbe076
 def rank_and_world_size() -> tuple[int, int]:
     "This process's rank and the number of processes (0 and 1 outside `torch.distributed`)."
     if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
-# %% ../../nbs/34_trainer.ipynb #7cc2b896
+# %% ../../nbs/34_trainer.ipynb #7191004b
 class Trainer:
     "Train a model mapping (B, T) ids to (B, T, V) logits on `(input_ids, targets)` windows."
     def __init__(self,
@@ -152,6 +152,7 @@ class Trainer:
                  out_dir:str|Path|None=None, # where the log, checkpoint and plots go; None: nowhere
                  device:str|torch.device|None=None, # None: this rank's GPU if there is one, else CPU
                  resume:bool=False, # continue from `out_dir/checkpoint.safetensors` if it exists
+                 on_log=None, # called with each log row on rank 0 (e.g. to print validation losses)
                  **overrides, # any `TrainerConfig` field
                 ):
         self.config = config = TrainerConfig(**{**asdict(config or TrainerConfig()), **overrides})
@@ -173,7 +174,7 @@ class Trainer:
         self.train_data, self.val_data = train_data, val_data
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.step, self.tokens_seen, self.history, self.step_times = 0, 0, [], []
-        self.last_checkpoint = None
+        self.last_checkpoint, self.on_log = None, on_log
         self._init_data()
         if self.out_dir is not None and self.is_main: self.out_dir.mkdir(parents=True, exist_ok=True)
         if resume and self.checkpoint_path is not None and self.checkpoint_path.exists(): self.load_checkpoint()
@@ -183,7 +184,7 @@ class Trainer:
     checkpoint_path = property(lambda self: None if self.out_dir is None else self.out_dir / "checkpoint.safetensors")
     log_path = property(lambda self: None if self.out_dir is None else self.out_dir / "log.jsonl")
 
-# %% ../../nbs/34_trainer.ipynb #5feb5345
+# %% ../../nbs/34_trainer.ipynb #b34ded1e
 def _init_data(self:Trainer):
     "Check the training data and set the data position to the start."
     config = self.config
@@ -246,7 +247,7 @@ def load_data_state(self:Trainer, state:dict):
 
 Trainer._init_data, Trainer.next_batch, Trainer.data_state, Trainer.load_data_state = _init_data, next_batch, data_state, load_data_state
 
-# %% ../../nbs/34_trainer.ipynb #0fe86e28
+# %% ../../nbs/34_trainer.ipynb #71e37c1a
 class NonFiniteLossError(RuntimeError):
     "The training loss became NaN or infinite."
 
@@ -296,7 +297,7 @@ def train_step(self:Trainer) -> dict:
 
 Trainer.autocast, Trainer.train_step = autocast, train_step
 
-# %% ../../nbs/34_trainer.ipynb #b552e2b4
+# %% ../../nbs/34_trainer.ipynb #521d9d6c
 def _eval_batches(self:Trainer, data, num_batches:int):
     "`num_batches` fixed batches of `data` for this process."
     batch_size = self.config.batch_size
@@ -334,7 +335,7 @@ def evaluate(self:Trainer, data=None, # None: the trainer's `val_data`
 
 Trainer._eval_batches, Trainer.evaluate = _eval_batches, evaluate
 
-# %% ../../nbs/34_trainer.ipynb #d8ab42ab
+# %% ../../nbs/34_trainer.ipynb #1efbb6ed
 def _gather(self:Trainer, obj) -> list:
     "`obj` from every rank, in rank order."
     if self.world_size == 1: return [obj]
@@ -397,7 +398,7 @@ def load_checkpoint(self:Trainer, path:str|Path|None=None, # None: `out_dir/chec
 
 Trainer._gather, Trainer.save_checkpoint, Trainer.load_checkpoint = _gather, save_checkpoint, load_checkpoint
 
-# %% ../../nbs/34_trainer.ipynb #1c0224e5
+# %% ../../nbs/34_trainer.ipynb #d2ef114e
 LOG_FIELDS = ["step", "split", "loss", "perplexity", "lr", "grad_norm", "tokens", "ms_per_step"]
 
 def read_log(path:str|Path) -> list[dict]:
@@ -414,8 +415,10 @@ def write_csv(rows:list[dict], path:str|Path) -> Path:
 def log(self:Trainer, row:dict):
     "Record a row in `history` and, on rank 0, append it to the log file."
     self.history.append(row)
-    if self.log_path is not None and self.is_main:
+    if not self.is_main: return
+    if self.log_path is not None:
         with open(self.log_path, "a") as f: f.write(json.dumps(row) + "\n")
+    if self.on_log is not None: self.on_log(row)
 
 def _restore_log(self:Trainer):
     "After loading a checkpoint: keep the log rows up to its step, and make them the history."
@@ -438,7 +441,7 @@ def plot_losses(rows:list[dict], # log rows (`Trainer.history` or `read_log(path
 
 Trainer.log, Trainer._restore_log = log, _restore_log
 
-# %% ../../nbs/34_trainer.ipynb #b67f73c4
+# %% ../../nbs/34_trainer.ipynb #6124376c
 def fit(self:Trainer, max_steps:int|None=None, # stop at this step (default and upper bound: `config.max_steps`)
        ) -> list[dict]:
     "Train until `max_steps`; returns the history of log rows."
@@ -455,7 +458,8 @@ def fit(self:Trainer, max_steps:int|None=None, # stop at this step (default and 
         if self.step % config.log_interval == 0 or last: self.log(row)
         if self.val_data is not None and (self.step % eval_interval == 0 or last):
             result = self.evaluate(); self.log(result)
-            bar.write(f"step {self.step}: val loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}") if config.progress and self.is_main else None
+            if config.progress and self.is_main and self.on_log is None:
+                bar.write(f"step {self.step}: val loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}")
         if self.out_dir is not None and self.step % checkpoint_interval == 0: self.save_checkpoint(); saved_at = self.step
         out_of_time = torch.tensor(float(config.max_minutes is not None and time.time() - started > 60 * config.max_minutes))
         if self.world_size > 1: dist.all_reduce(out_of_time, op=dist.ReduceOp.MAX)
@@ -466,7 +470,7 @@ def fit(self:Trainer, max_steps:int|None=None, # stop at this step (default and 
 
 Trainer.fit = fit
 
-# %% ../../nbs/34_trainer.ipynb #d402ac28
+# %% ../../nbs/34_trainer.ipynb #2dd93396
 def training_flops_per_token(num_params:int, # parameters in the matrix multiplications (exclude position tables)
                              num_layers:int, embed_dim:int, block_size:int) -> float:
     "Estimated training FLOPs per token: $6N + 12LCT$."
