@@ -17,7 +17,7 @@ min_python = cfg["min_python"]
 requirements = cfg.get("requirements", "").split()
 dev_requirements = cfg.get("dev_requirements", "").split()
 # Hugging Face interop and GGUF files: only users of llm_book.hf / llm_book.gguf need these.
-hf_requirements = ["transformers>=4.46", "tokenizers"]
+hf_requirements = ["transformers>=4.46", "tokenizers", "accelerate"]
 
 setuptools.setup(
     name=cfg["lib_name"],

@@ -9,6 +9,9 @@ the comparison fair on a shared, noisy machine. Prints prompt-processing and dec
 greedy tokens of the half-precision models match fp32, the weights' memory and the process's peak memory.
 
     python benchmarks/generate_smollm2.py [--new-tokens 128] [--rounds 3] [--threads N]
+
+On a machine shared with other jobs, `--threads 1` gives steadier ratios: with two threads per process on two busy
+cores, every small operator waits at a thread barrier, which buries the per-token cost this benchmark compares.
 """
 import argparse
 import importlib.util

@@ -91,3 +91,14 @@ def test_fast_decoder_matches_the_model(smollm2):
     with pytest.raises(ValueError, match="exceeds max_position_embeddings"): next(fast.stream(input_ids, max_new_tokens=9000))
     from llm_book.models.mistral import Mistral
     with pytest.raises(ValueError, match="without a sliding window"): FastDecoder(Mistral.from_preset("mistral-tiny"))
+
+
+def test_fast_decoder_fp16_greedy_matches_fp32(smollm2):
+    "Half-precision weights (the fast chat path) give the fp32 model's first 64 greedy tokens on a benchmark prompt."
+    model, tokenizer = smollm2
+    model16, _ = load_gguf(dtype=torch.float16)
+    prompt = [{"role": "user", "content": "Explain how a rainbow forms, step by step."}]
+    input_ids = torch.tensor([tokenizer.apply_chat_template(prompt)])
+    fp32 = model.generate(input_ids, max_new_tokens=64)[:, input_ids.shape[1]:]
+    fp16 = torch.stack(list(FastDecoder(model16).stream(input_ids, max_new_tokens=64)), dim=1)
+    assert torch.equal(fp16, fp32)

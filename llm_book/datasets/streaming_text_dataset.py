@@ -6,7 +6,7 @@
 __all__ = ['shard_info', 'shuffle_buffer', 'iter_text_chunks', 'StreamingTextDataset', 'mark_consumed', 'state_dict',
            'load_state_dict']
 
-# %% ../../nbs/31_streaming_text_dataset.ipynb #2743cee5
+# %% ../../nbs/31_streaming_text_dataset.ipynb #9a242f59
 import random
 from pathlib import Path
 from typing import Iterator
@@ -18,7 +18,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .text_dataset import load_token_ids
 
-# %% ../../nbs/31_streaming_text_dataset.ipynb #69c65a4c
+# %% ../../nbs/31_streaming_text_dataset.ipynb #29b7db3b
 def shard_info(rank:int|None=None, # this process's distributed rank; None: from torch.distributed (or 0)
                world_size:int|None=None, # the number of ranks; None: from torch.distributed (or 1)
                worker_offset:int=0, # rotate worker ids by this much (used when resuming)
@@ -33,7 +33,7 @@ def shard_info(rank:int|None=None, # this process's distributed rank; None: from
     worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
     return rank * num_workers + (worker_id + worker_offset) % num_workers, world_size * num_workers
 
-# %% ../../nbs/31_streaming_text_dataset.ipynb #477872b0
+# %% ../../nbs/31_streaming_text_dataset.ipynb #59ba2cea
 def shuffle_buffer(items, # any iterable
                    buffer_size:int, # K; 0 or 1 keeps the order
                    rng:random.Random, # the seeded generator
@@ -49,7 +49,7 @@ def shuffle_buffer(items, # any iterable
     rng.shuffle(buffer)
     yield from buffer
 
-# %% ../../nbs/31_streaming_text_dataset.ipynb #a1c4ea14
+# %% ../../nbs/31_streaming_text_dataset.ipynb #e35a0f01
 def iter_text_chunks(paths:list[Path], # text files, read in order
                      chunk_chars:int, # a chunk closes at the first line break after this many characters
                     ) -> Iterator[str]:
@@ -62,7 +62,7 @@ def iter_text_chunks(paths:list[Path], # text files, read in order
                 if size >= chunk_chars: yield "".join(parts); parts, size = [], 0
         if parts: yield "".join(parts)
 
-# %% ../../nbs/31_streaming_text_dataset.ipynb #c1eafba5
+# %% ../../nbs/31_streaming_text_dataset.ipynb #5c3d9c8f
 class StreamingTextDataset(IterableDataset):
     "Stream `(input_ids, targets, shard_id)` windows from text files or a `.npy` token file, sharded and shuffled."
     def __init__(self,
@@ -125,7 +125,7 @@ class StreamingTextDataset(IterableDataset):
                 window = torch.from_numpy(ids[start : start + self.block_size + 1].astype(np.int64))
             yield window[:-1], window[1:], shard_id
 
-# %% ../../nbs/31_streaming_text_dataset.ipynb #d9bd7b22
+# %% ../../nbs/31_streaming_text_dataset.ipynb #d1a7a041
 def mark_consumed(self:StreamingTextDataset, shard_ids):
     "Record that a batch whose samples came from `shard_ids` was used."
     for shard_id in torch.as_tensor(shard_ids).reshape(-1).tolist():

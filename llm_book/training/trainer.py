@@ -9,7 +9,7 @@ __all__ = ['CHECKPOINT_FORMAT', 'LOG_FIELDS', 'TrainerConfig', 'atomic_save_safe
            'save_checkpoint', 'load_checkpoint', 'read_log', 'write_csv', 'log', 'plot_losses', 'fit',
            'training_flops_per_token', 'measure_matmul_flops', 'peak_memory_mb']
 
-# %% ../../nbs/34_trainer.ipynb #33a059cb
+# %% ../../nbs/34_trainer.ipynb #5dcd7938
 import contextlib
 import csv
 import json
@@ -35,7 +35,7 @@ from tqdm import tqdm
 from .optimizer import configure_optimizer
 from .scheduler import get_scheduler
 
-# %% ../../nbs/34_trainer.ipynb #3e6b8171
+# %% ../../nbs/34_trainer.ipynb #6cec44ab
 @dataclass
 class TrainerConfig:
     "Everything that defines a training run; saved in each checkpoint."
@@ -74,7 +74,7 @@ class TrainerConfig:
         if self.grad_clip is not None and self.grad_clip <= 0: raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
         if self.mixed_precision not in ("auto", "bf16", "no"): raise ValueError(f"mixed_precision must be 'auto', 'bf16' or 'no', got {self.mixed_precision!r}")
 
-# %% ../../nbs/34_trainer.ipynb #e3a228e7
+# %% ../../nbs/34_trainer.ipynb #d9387897
 CHECKPOINT_FORMAT = "llm_book-trainer-checkpoint/1"
 
 def atomic_save_safetensors(tensors:dict, # name -> tensor
@@ -108,7 +108,7 @@ def read_checkpoint(path:str|Path, # a file written by `Trainer.save_checkpoint`
         raise ValueError(f"checkpoint {str(path)!r} is not an llm_book trainer checkpoint (format {metadata.get('format')!r})")
     return tensors, metadata
 
-# %% ../../nbs/34_trainer.ipynb #ffd95046
+# %% ../../nbs/34_trainer.ipynb #6a12ad3b
 def model_state_tensors(model:nn.Module) -> tuple[dict, dict]:
     "`(tensors, aliases)`: the state dict with each shared storage once, and alias name -> stored name."
     tensors, aliases, seen = {}, {}, {}
@@ -135,13 +135,13 @@ def load_model_weights(model:nn.Module, # the model to fill
     model.load_state_dict(state)
     return metadata
 
-# %% ../../nbs/34_trainer.ipynb #b0fbe076
+# %% ../../nbs/34_trainer.ipynb #b211cd50
 def rank_and_world_size() -> tuple[int, int]:
     "This process's rank and the number of processes (0 and 1 outside `torch.distributed`)."
     if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
-# %% ../../nbs/34_trainer.ipynb #7191004b
+# %% ../../nbs/34_trainer.ipynb #77c784b3
 class Trainer:
     "Train a model mapping (B, T) ids to (B, T, V) logits on `(input_ids, targets)` windows."
     def __init__(self,
@@ -184,7 +184,7 @@ class Trainer:
     checkpoint_path = property(lambda self: None if self.out_dir is None else self.out_dir / "checkpoint.safetensors")
     log_path = property(lambda self: None if self.out_dir is None else self.out_dir / "log.jsonl")
 
-# %% ../../nbs/34_trainer.ipynb #b34ded1e
+# %% ../../nbs/34_trainer.ipynb #bfef297d
 def _init_data(self:Trainer):
     "Check the training data and set the data position to the start."
     config = self.config
@@ -247,7 +247,7 @@ def load_data_state(self:Trainer, state:dict):
 
 Trainer._init_data, Trainer.next_batch, Trainer.data_state, Trainer.load_data_state = _init_data, next_batch, data_state, load_data_state
 
-# %% ../../nbs/34_trainer.ipynb #71e37c1a
+# %% ../../nbs/34_trainer.ipynb #b0da582c
 class NonFiniteLossError(RuntimeError):
     "The training loss became NaN or infinite."
 
@@ -297,7 +297,7 @@ def train_step(self:Trainer) -> dict:
 
 Trainer.autocast, Trainer.train_step = autocast, train_step
 
-# %% ../../nbs/34_trainer.ipynb #521d9d6c
+# %% ../../nbs/34_trainer.ipynb #2e0fbb81
 def _eval_batches(self:Trainer, data, num_batches:int):
     "`num_batches` fixed batches of `data` for this process."
     batch_size = self.config.batch_size
@@ -335,7 +335,7 @@ def evaluate(self:Trainer, data=None, # None: the trainer's `val_data`
 
 Trainer._eval_batches, Trainer.evaluate = _eval_batches, evaluate
 
-# %% ../../nbs/34_trainer.ipynb #1efbb6ed
+# %% ../../nbs/34_trainer.ipynb #9b51aea4
 def _gather(self:Trainer, obj) -> list:
     "`obj` from every rank, in rank order."
     if self.world_size == 1: return [obj]
@@ -398,7 +398,7 @@ def load_checkpoint(self:Trainer, path:str|Path|None=None, # None: `out_dir/chec
 
 Trainer._gather, Trainer.save_checkpoint, Trainer.load_checkpoint = _gather, save_checkpoint, load_checkpoint
 
-# %% ../../nbs/34_trainer.ipynb #d2ef114e
+# %% ../../nbs/34_trainer.ipynb #4144fc38
 LOG_FIELDS = ["step", "split", "loss", "perplexity", "lr", "grad_norm", "tokens", "ms_per_step"]
 
 def read_log(path:str|Path) -> list[dict]:
@@ -437,11 +437,12 @@ def plot_losses(rows:list[dict], # log rows (`Trainer.history` or `read_log(path
         if points: ax.plot(*zip(*points), style, label=f"{split} loss", markersize=4)
     ax.set_xlabel("step"); ax.set_ylabel("cross-entropy (nats)"); ax.legend()
     if title: ax.set_title(title)
+    ax.figure.tight_layout()   # keep the axis labels inside the saved image
     return ax.figure
 
 Trainer.log, Trainer._restore_log = log, _restore_log
 
-# %% ../../nbs/34_trainer.ipynb #6124376c
+# %% ../../nbs/34_trainer.ipynb #2e963e42
 def fit(self:Trainer, max_steps:int|None=None, # stop at this step (default and upper bound: `config.max_steps`)
        ) -> list[dict]:
     "Train until `max_steps`; returns the history of log rows."
@@ -470,7 +471,7 @@ def fit(self:Trainer, max_steps:int|None=None, # stop at this step (default and 
 
 Trainer.fit = fit
 
-# %% ../../nbs/34_trainer.ipynb #2dd93396
+# %% ../../nbs/34_trainer.ipynb #ce8ca9ab
 def training_flops_per_token(num_params:int, # parameters in the matrix multiplications (exclude position tables)
                              num_layers:int, embed_dim:int, block_size:int) -> float:
     "Estimated training FLOPs per token: $6N + 12LCT$."
