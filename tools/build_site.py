@@ -137,20 +137,9 @@ def run_proc_nbs(notebooks: list) -> dict:
     return errors
 
 
-_re_directive = re.compile(r"^\s*#\|\s*([\w-]+)\s*:?\s*(.*?)\s*$")
-_re_fm = re.compile(r"^\s*---\s*\n(.*?\n)---\s*$", re.DOTALL)
-
-
-def split_directives(source: str):
-    "Quarto/nbdev cell options (`#| key: value` lines) and the source without them."
-    opts, kept = {}, []
-    for line in source.splitlines():
-        m = _re_directive.match(line)
-        if m:
-            opts[m.group(1).lower()] = m.group(2).strip().strip("'\"").lower()
-        else:
-            kept.append(line)
-    return opts, "\n".join(kept).strip("\n")
+# The README and the site read cell options and front matter with the same code.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_readme import _re_fm, split_directives  # noqa: E402
 
 
 _re_pandoc_link = re.compile(r"\[([^\]\n]+)\]\(([^)\s]+)\)\{([^}\n]*)\}")
