@@ -28,14 +28,20 @@ def kv_cache_bytes(config:dict, # a model config (`llm_book.models.configs`)
     return 2 * config["num_layers"] * batch_size * num_kv_heads * head_dim * tokens_held * bytes_per_number
 
 # %% ../../nbs/08_kv_cache.ipynb #466a8892
-def _check_update_args(k, v, key_positions, key_mask):
-    "Raise ValueError unless k, v are (B, KVH, T, hd) and key_positions, key_mask are (B, T)."
+def _check_update_args(k, v, key_positions, key_mask,
+                       held_keys=None, # the keys a cache already holds (None: empty cache)
+                      ):
+    "Raise ValueError unless k, v are (B, KVH, T, hd), key_positions, key_mask are (B, T), and k fits `held_keys`."
     if k.ndim != 4 or v.shape != k.shape:
         raise ValueError(f"k and v must both be (B, KVH, T, hd), got {tuple(k.shape)} and {tuple(v.shape)}")
     batch_size, _, num_new, _ = k.shape
     if key_positions.shape[-1] != num_new or key_mask.shape[-1] != num_new:
         raise ValueError(f"key_positions and key_mask must cover the {num_new} new tokens, "
                          f"got {tuple(key_positions.shape)} and {tuple(key_mask.shape)}")
+    if held_keys is not None and (k.shape[:2] + k.shape[3:] != held_keys.shape[:2] + held_keys.shape[3:]
+                                  or k.dtype != held_keys.dtype):
+        raise ValueError(f"cache holds keys (B, KVH, ·, hd) = {tuple(held_keys.shape)} {held_keys.dtype}, "
+                         f"got {tuple(k.shape)} {k.dtype}: was it made for another model or layer?")
 
 # %% ../../nbs/08_kv_cache.ipynb #23091e70
 class KVCache:
@@ -83,11 +89,7 @@ def update(self:KVCache, k, # new keys (B, KVH, T, hd)
            key_mask, # (B, T) bool, False = padding
           ):
     "Store the new keys and values; return all keys, values, positions and mask so far, (B, KVH, S, hd) / (B, S)."
-    _check_update_args(k, v, key_positions, key_mask)
-    if self.keys is not None and (k.shape[:2] + k.shape[3:] != self.keys.shape[:2] + self.keys.shape[3:]
-                                  or k.dtype != self.keys.dtype):
-        raise ValueError(f"cache holds keys (B, KVH, ·, hd) = {tuple(self.keys.shape)} {self.keys.dtype}, "
-                         f"got {tuple(k.shape)} {k.dtype}: was it made for another model or layer?")
+    _check_update_args(k, v, key_positions, key_mask, self.keys)
     start, end = self.num_seen, self.num_seen + k.shape[2]
     if self.max_length is not None and end > self.max_length:
         raise ValueError(f"KVCache(max_length={self.max_length}) cannot hold {end} tokens")
@@ -124,11 +126,8 @@ def update(self:RollingKVCache, k, # new keys (B, KVH, T, hd)
            key_mask, # (B, T) bool, False = padding
           ):
     "Store the new keys in the ring; return the keys the new queries may need (held + new), (B, KVH, S, hd) / (B, S)."
-    _check_update_args(k, v, key_positions, key_mask)
+    _check_update_args(k, v, key_positions, key_mask, self.keys)
     if self.keys is None: self._allocate(k, self.window_size)
-    elif k.shape[:2] + k.shape[3:] != self.keys.shape[:2] + self.keys.shape[3:] or k.dtype != self.keys.dtype:
-        raise ValueError(f"cache holds keys (B, KVH, ·, hd) = {tuple(self.keys.shape)} {self.keys.dtype}, "
-                         f"got {tuple(k.shape)} {k.dtype}: was it made for another model or layer?")
     num_new, num_filled = k.shape[2], min(self.num_seen, self.window_size)
     if num_new == 1:  # decode step: one slot, in place; the evicted key is out of every future window
         slot = self.num_seen % self.window_size
