@@ -54,7 +54,7 @@ test-nbs: setup
 	$(BIN)/nbdev_test --flags slow --n_workers 2
 
 test-py: setup system-deps
-	$(BIN)/python -m pytest tests/ -q
+	$(BIN)/python -m pytest tests/ -p randomly
 
 site: setup system-deps
 	$(BIN)/python tools/build_site.py

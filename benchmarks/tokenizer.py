@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from llm_book.tokenizers.bpe_tokenizer import BPETokenizer, smollm2_gguf_path
 
-DATA = Path(__file__).resolve().parents[2]/"shared"/"data"/"tinyshakespeare.txt"
+DATA = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
 VOCAB_SIZE = 4096
 SPECIALS = ["<|endoftext|>"]
 

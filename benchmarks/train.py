@@ -22,7 +22,7 @@ from llm_book.tokenizers.char_tokenizer import CharTokenizer
 from llm_book.training.optimizer import configure_optimizer
 from llm_book.training.trainer import Trainer, measure_matmul_flops, peak_memory_mb, training_flops_per_token
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+DATA = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
 BLOCK, BATCH = 64, 12
 
 

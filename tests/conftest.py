@@ -5,7 +5,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "data"
 
 
 @pytest.fixture(autouse=True)
@@ -16,5 +16,5 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def shakespeare_text() -> str:
-    "The tiny-shakespeare corpus that CI places beside the checkout (tests only; the product never reads it)."
-    return (SHARED_DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    "The tiny-shakespeare corpus (public domain, 1.1 MB), committed in `data/` (tests and benchmarks read it)."
+    return (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")
