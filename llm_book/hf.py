@@ -5,6 +5,7 @@
 # %% ../nbs/40_hf.ipynb #f0e6129e
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -16,9 +17,9 @@ from .models.mistral import Mistral
 from .tokenizers.base_tokenizer import BaseTokenizer
 
 # %% auto #0
-__all__ = ['ARCHITECTURES', 'architecture_of', 'config_from_hf', 'config_to_hf', 'hf_name_table', 'check_state_dict',
-           'state_dict_from_hf', 'state_dict_to_hf', 'load_state_dict_strict', 'from_hf', 'to_hf', 'save_hf',
-           'logits_max_diff', 'HFTokenizer']
+__all__ = ['ARCHITECTURES', 'architecture_of', 'unsupported_hf_settings', 'config_from_hf', 'config_to_hf', 'hf_name_table',
+           'check_state_dict', 'state_dict_from_hf', 'state_dict_to_hf', 'load_state_dict_strict', 'from_hf', 'to_hf',
+           'save_hf', 'logits_max_diff', 'HFTokenizer']
 
 # %% ../nbs/40_hf.ipynb #66b6cd14
 ARCHITECTURES = {  # llm_book architecture name -> (our model class, 🤗 model_type)
@@ -34,42 +35,86 @@ def architecture_of(model: nn.Module) -> str:
     raise ValueError(f"model is a {type(model).__name__}; expected one of GPT2, Llama, Mistral")
 
 # %% ../nbs/40_hf.ipynb #127f5a02
-def _rope_theta(hf_config) -> float:
-    "RoPE base of a 🤗 config (Transformers 5 keeps it in `rope_parameters`, older ones in `rope_theta`)."
-    params = getattr(hf_config, "rope_parameters", None) or {}
-    if params.get("rope_type", "default") != "default":
-        raise ValueError(f"rope_parameters has rope_type {params['rope_type']!r}; only 'default' RoPE is supported")
-    return float(params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
+# Activation names Transformers resolves to the tanh GELU 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), llm_book's GPT-2 one
+_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_python_tanh", "gelu_fast")
+
+def _rope_parameters(hf_config) -> dict:
+    "RoPE settings of a 🤗 config: Transformers 5 keeps them in `rope_parameters`, older ones in `rope_theta`/`rope_scaling`."
+    legacy = dict(getattr(hf_config, "rope_scaling", None) or {})
+    if "type" in legacy: legacy.setdefault("rope_type", legacy.pop("type"))
+    params = legacy | dict(getattr(hf_config, "rope_parameters", None) or {})
+    params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    params.setdefault("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0))
+    return params
+
+def unsupported_hf_settings(hf_config) -> list[str]:
+    "Every setting of a 🤗 config that changes what the model computes in a way llm_book's models cannot."
+    get = lambda name, default=None: getattr(hf_config, name, default)
+    problems = []
+    def refuse(field, value, why): problems.append(f"{field}={value!r} ({why})")
+    model_type = get("model_type")
+    if model_type == "gpt2":
+        if not get("scale_attn_weights", True):
+            refuse("scale_attn_weights", False, "llm_book always divides attention scores by sqrt(head_dim)")
+        if get("scale_attn_by_inverse_layer_idx", False):
+            refuse("scale_attn_by_inverse_layer_idx", True, "llm_book does not divide attention scores by layer index + 1")
+        if get("activation_function", "gelu_new") not in _TANH_GELUS:
+            refuse("activation_function", get("activation_function"), f"llm_book's GPT-2 uses the tanh GELU, one of {_TANH_GELUS}")
+        if get("add_cross_attention", False):
+            refuse("add_cross_attention", True, "llm_book's GPT-2 is decoder-only, with no cross-attention")
+        dropouts = {name: get(name, 0.0) for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop")}
+        if len(set(dropouts.values())) > 1:
+            refuse("embd_pdrop/attn_pdrop/resid_pdrop", tuple(dropouts.values()), "llm_book uses one dropout probability for all three")
+    elif model_type in ("llama", "mistral"):
+        rope = _rope_parameters(hf_config)
+        if rope.get("rope_type", "default") != "default":
+            refuse("rope_parameters['rope_type']", rope["rope_type"], "llm_book implements only the original ('default') RoPE, no scaling")
+        if rope["partial_rotary_factor"] not in (None, 1, 1.0):
+            refuse("partial_rotary_factor", rope["partial_rotary_factor"], "llm_book rotates every dimension of each head")
+        if get("hidden_act", "silu") not in ("silu", "swish"):
+            refuse("hidden_act", get("hidden_act"), "llm_book's SwiGLU gates with SiLU ('silu' or 'swish')")
+        if model_type == "llama":
+            if bool(get("attention_bias", False)) != bool(get("mlp_bias", False)):
+                refuse("attention_bias/mlp_bias", (get("attention_bias"), get("mlp_bias")), "llm_book uses one `bias` flag for both")
+            if get("sliding_window") is not None:
+                refuse("sliding_window", get("sliding_window"),
+                       "Transformers' Llama ignores it, llm_book's Llama has no window: remove it, or use model_type 'mistral'")
+        else:
+            if get("use_sliding_window") is False and get("sliding_window") is not None:
+                refuse("use_sliding_window", False, f"Transformers' Mistral ignores it and applies sliding_window="
+                       f"{get('sliding_window')} anyway: set sliding_window to None for full attention")
+            if len(set(get("layer_types") or ())) > 1:
+                refuse("layer_types", get("layer_types"), "Transformers' Mistral ignores per-layer attention types, "
+                       "llm_book's Mistral has one window for every layer")
+    return problems
 
 def config_from_hf(hf_config) -> dict:
     "Our config dict (with its `architecture`) for a 🤗 `GPT2Config`, `LlamaConfig` or `MistralConfig`."
     model_type = getattr(hf_config, "model_type", None)
+    if model_type not in ("gpt2", "llama", "mistral"):
+        raise ValueError(f"hf_config has model_type {model_type!r}; expected 'gpt2', 'llama' or 'mistral'")
+    problems = unsupported_hf_settings(hf_config)
+    if problems: raise ValueError(f"hf_config ({model_type}) has settings llm_book cannot reproduce: " + "; ".join(problems))
     if model_type == "gpt2":
-        if hf_config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"activation_function is {hf_config.activation_function!r}; expected 'gelu_new' (tanh GELU)")
         return dict(
             architecture="gpt2", vocab_size=hf_config.vocab_size, embed_dim=hf_config.n_embd, num_heads=hf_config.n_head,
             num_layers=hf_config.n_layer, max_position_embeddings=hf_config.n_positions,
             hidden_dim=hf_config.n_inner or 4 * hf_config.n_embd, norm_eps=hf_config.layer_norm_epsilon,
             dropout=hf_config.resid_pdrop, bias=True, tie_word_embeddings=hf_config.tie_word_embeddings)
-    if model_type in ("llama", "mistral"):
-        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-        if hf_config.hidden_act != "silu":
-            raise ValueError(f"hidden_act is {hf_config.hidden_act!r}; expected 'silu'")
-        if getattr(hf_config, "mlp_bias", False) != getattr(hf_config, "attention_bias", False):
-            raise ValueError("attention_bias and mlp_bias differ; llm_book uses one `bias` flag for both")
-        config = dict(
-            architecture=model_type, vocab_size=hf_config.vocab_size, embed_dim=hf_config.hidden_size,
-            num_heads=hf_config.num_attention_heads,
-            num_kv_heads=hf_config.num_key_value_heads or hf_config.num_attention_heads,
-            num_layers=hf_config.num_hidden_layers, hidden_dim=hf_config.intermediate_size,
-            max_position_embeddings=hf_config.max_position_embeddings, rope_base=_rope_theta(hf_config),
-            norm_eps=hf_config.rms_norm_eps, dropout=hf_config.attention_dropout,
-            bias=getattr(hf_config, "attention_bias", False), tie_word_embeddings=hf_config.tie_word_embeddings)
-        if head_dim * hf_config.num_attention_heads != hf_config.hidden_size: config["head_dim"] = head_dim
-        if model_type == "mistral": config["window_size"] = hf_config.sliding_window
-        return config
-    raise ValueError(f"hf_config has model_type {model_type!r}; expected 'gpt2', 'llama' or 'mistral'")
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    config = dict(
+        architecture=model_type, vocab_size=hf_config.vocab_size, embed_dim=hf_config.hidden_size,
+        num_heads=hf_config.num_attention_heads,
+        num_kv_heads=hf_config.num_key_value_heads or hf_config.num_attention_heads,
+        num_layers=hf_config.num_hidden_layers, hidden_dim=hf_config.intermediate_size,
+        max_position_embeddings=hf_config.max_position_embeddings, rope_base=float(_rope_parameters(hf_config)["rope_theta"]),
+        norm_eps=hf_config.rms_norm_eps, dropout=hf_config.attention_dropout,
+        # Transformers' Mistral has no biases whatever its config says; its Llama has `attention_bias` = `mlp_bias`
+        bias=bool(getattr(hf_config, "attention_bias", False)) and model_type == "llama",
+        tie_word_embeddings=hf_config.tie_word_embeddings)
+    if head_dim * hf_config.num_attention_heads != hf_config.hidden_size: config["head_dim"] = head_dim
+    if model_type == "mistral": config["window_size"] = hf_config.sliding_window
+    return config
 
 # %% ../nbs/40_hf.ipynb #51ba0f01
 def config_to_hf(config: dict, # an llm_book config dict (`llm_book.models.configs`)
@@ -77,27 +122,52 @@ def config_to_hf(config: dict, # an llm_book config dict (`llm_book.models.confi
     "The 🤗 config (`GPT2Config`, `LlamaConfig` or `MistralConfig`) for one of our configs."
     import transformers
     c, arch = config, config.get("architecture")
+    if arch not in ("gpt2", "llama", "mistral"):
+        raise ValueError(f"config architecture is {arch!r}; expected 'gpt2', 'llama' or 'mistral'")
+    # settings of ours that the 🤗 class cannot express
+    problems = []
+    head_dim = c.get("head_dim") or c["embed_dim"] // c["num_heads"]
     if arch == "gpt2":
+        if not c.get("bias", True): problems.append("bias=False (Transformers' GPT-2 always has biases)")
+        if c.get("num_kv_heads") not in (None, c["num_heads"]):
+            problems.append(f"num_kv_heads={c['num_kv_heads']} (Transformers' GPT-2 has no grouped-query attention)")
+        if c.get("window_size") is not None:
+            problems.append(f"window_size={c['window_size']} (Transformers' GPT-2 has no sliding window)")
+        if head_dim * c["num_heads"] != c["embed_dim"]:
+            problems.append(f"head_dim={head_dim} (Transformers' GPT-2 needs head_dim = embed_dim / num_heads)")
+    if arch == "mistral" and c.get("bias", False):
+        problems.append("bias=True (Transformers' Mistral has no biases)")
+    if arch == "llama" and c.get("window_size") is not None:
+        problems.append(f"window_size={c['window_size']} (Transformers' Llama has no sliding window: use Mistral)")
+    if problems: raise ValueError(f"config ({arch}) has settings Transformers cannot reproduce: " + "; ".join(problems))
+    if arch == "gpt2":
+        hf_class = transformers.GPT2Config
         fields = dict(vocab_size=c["vocab_size"], n_embd=c["embed_dim"], n_head=c["num_heads"],
                       n_layer=c["num_layers"], n_positions=c["max_position_embeddings"],
                       n_inner=c.get("hidden_dim") or 4 * c["embed_dim"], activation_function="gelu_new",
                       layer_norm_epsilon=c.get("norm_eps", 1e-5), resid_pdrop=c.get("dropout", 0.0),
                       embd_pdrop=c.get("dropout", 0.0), attn_pdrop=c.get("dropout", 0.0),
                       tie_word_embeddings=c.get("tie_word_embeddings", True), bos_token_id=None, eos_token_id=None)
-        return transformers.GPT2Config(**(fields | overrides))
-    if arch in ("llama", "mistral"):
+    else:
+        hf_class = transformers.LlamaConfig if arch == "llama" else transformers.MistralConfig
         fields = dict(vocab_size=c["vocab_size"], hidden_size=c["embed_dim"], num_attention_heads=c["num_heads"],
                       num_key_value_heads=c.get("num_kv_heads") or c["num_heads"],
-                      head_dim=c.get("head_dim") or c["embed_dim"] // c["num_heads"], num_hidden_layers=c["num_layers"],
+                      head_dim=head_dim, num_hidden_layers=c["num_layers"],
                       intermediate_size=c["hidden_dim"], max_position_embeddings=c["max_position_embeddings"],
                       rms_norm_eps=c.get("norm_eps", 1e-6), hidden_act="silu",
                       rope_parameters=dict(rope_type="default", rope_theta=float(c.get("rope_base", 10000.0))),
-                      attention_dropout=c.get("dropout", 0.0), attention_bias=c.get("bias", False),
-                      tie_word_embeddings=c.get("tie_word_embeddings", False), bos_token_id=None, eos_token_id=None)
-        if arch == "llama":
-            return transformers.LlamaConfig(**(fields | dict(mlp_bias=c.get("bias", False)) | overrides))
-        return transformers.MistralConfig(**(fields | dict(sliding_window=c.get("window_size")) | overrides))
-    raise ValueError(f"config architecture is {arch!r}; expected 'gpt2', 'llama' or 'mistral'")
+                      attention_dropout=c.get("dropout", 0.0), tie_word_embeddings=c.get("tie_word_embeddings", False),
+                      bos_token_id=None, eos_token_id=None)
+        if arch == "llama": fields |= dict(attention_bias=c.get("bias", False), mlp_bias=c.get("bias", False))
+        else: fields |= dict(sliding_window=c.get("window_size"))
+    hf_config = hf_class(**(fields | overrides))
+    if overrides:  # metadata (token ids, names) is welcome; a change to what the model computes is not
+        try: with_overrides = config_from_hf(hf_config)
+        except ValueError as e: raise ValueError(f"overrides {sorted(overrides)} make a 🤗 model unlike this one: {e}") from None
+        without = config_from_hf(hf_class(**fields))
+        changed = sorted(k for k in set(with_overrides) | set(without) if with_overrides.get(k) != without.get(k))
+        if changed: raise ValueError(f"overrides {sorted(overrides)} change {changed}: the 🤗 model would not match this one")
+    return hf_config
 
 # %% ../nbs/40_hf.ipynb #4e1d8692
 def hf_name_table(arch: str, # `gpt2`, `llama` or `mistral`
@@ -142,6 +212,11 @@ def hf_name_table(arch: str, # `gpt2`, `llama` or `mistral`
 # 🤗 buffers that are not weights (older Transformers versions kept these in the state dict)
 _HF_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
+def _misfit(missing: list, unexpected: list, misshaped: list) -> str:
+    "'missing (n): a, b; unexpected (m): ...; mis-shaped (k): ...' for the non-empty lists ('' when all are empty)."
+    return "; ".join(f"{label} ({len(names)}): {', '.join(names)}" for label, names in
+                     [("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)] if names)
+
 def check_state_dict(state_dict: dict, # the tensors we are about to load
                      expected: dict, # name -> tensor (or shape) that the receiving model has
                      what: str="state_dict", # how to call the source in the error
@@ -152,9 +227,8 @@ def check_state_dict(state_dict: dict, # the tensors we are about to load
     unexpected = [n for n in state_dict if n not in expected]
     misshaped = [f"{n}: got {shape(state_dict[n])}, expected {shape(expected[n])}"
                  for n in expected if n in state_dict and shape(state_dict[n]) != shape(expected[n])]
-    problems = [f"{label} ({len(names)}): {', '.join(names)}" for label, names in
-                [("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)] if names]
-    if problems: raise ValueError(f"{what} does not fit the model; " + "; ".join(problems))
+    problems = _misfit(missing, unexpected, misshaped)
+    if problems: raise ValueError(f"{what} does not fit the model; {problems}")
 
 # %% ../nbs/40_hf.ipynb #89690997
 def state_dict_from_hf(hf_state_dict: dict, # 🤗 names -> tensors
@@ -207,13 +281,23 @@ def load_state_dict_strict(model: nn.Module, # the receiving model
 
 # %% ../nbs/40_hf.ipynb #a2835d71
 def _hf_model(hf_model_or_dir):
-    "A 🤗 model: the argument itself, or loaded (offline) from a directory."
+    "A 🤗 model: the argument itself, or loaded (offline) from a directory whose weights must fit its config exactly."
     if isinstance(hf_model_or_dir, (str, Path)):
         path = Path(hf_model_or_dir)
         if not (path / "config.json").is_file():
             raise ValueError(f"hf_model_or_dir {str(path)!r} is not a directory with a config.json")
         from transformers import AutoModelForCausalLM
-        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        try:  # mis-shaped tensors are reported below with the rest, not raised by Transformers one at a time
+            hf_model, info = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, output_loading_info=True,
+                                                                   ignore_mismatched_sizes=True)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"hf_model_or_dir {str(path)!r} cannot be loaded by Transformers: {e}") from e
+        # Transformers fills weights the files lack with random ones and only warns: here that is an error
+        misshaped = [f"{name}: got {tuple(got)}, expected {tuple(want)}" for name, got, want in sorted(info["mismatched_keys"])]
+        problems = _misfit(sorted(info["missing_keys"]), sorted(info["unexpected_keys"]), misshaped)
+        if info.get("error_msgs"): problems = "; ".join(filter(None, [problems, *info["error_msgs"]]))
+        if problems: raise ValueError(f"the weights in {str(path)!r} do not fit its config.json; {problems}")
+        return hf_model
     if not hasattr(hf_model_or_dir, "config") or not hasattr(hf_model_or_dir, "state_dict"):
         raise ValueError(f"hf_model_or_dir is a {type(hf_model_or_dir).__name__}; "
                          "expected a Transformers model or a directory")
@@ -254,13 +338,21 @@ def to_hf(model: nn.Module, # an llm_book GPT2, Llama or Mistral
     hf_model.load_state_dict(hf_state_dict)
     return hf_model.eval()
 
+def _umask() -> int:
+    "The process's file-creation mask (reading it means setting it, so it is set straight back)."
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
 def save_hf(model: nn.Module, # an llm_book GPT2, Llama or Mistral
             path: str|Path, # directory to write (created if needed)
             **config_overrides, # extra 🤗 config fields, e.g. `eos_token_id=2`
            ) -> Path:
-    "Write `model` as a 🤗 checkpoint directory (config.json + model.safetensors)."
+    "Write `model` as a 🤗 checkpoint directory (config.json + model.safetensors), with the user's umask."
     path = Path(path)
     to_hf(model, **config_overrides).save_pretrained(path, safe_serialization=True)
+    # safetensors creates its files with mode 0600 whatever the umask: give them the mode any other new file gets
+    for weights in path.glob("*.safetensors"): weights.chmod(0o666 & ~_umask())
     return path
 
 # %% ../nbs/40_hf.ipynb #888e63c6
