@@ -1,4 +1,9 @@
 """Hugging Face interop (llm_book.hf): configs, name tables, logits parity in both directions, save/load, errors."""
+import json
+import os
+import re
+import stat
+
 import pytest
 import torch
 import transformers
@@ -123,7 +128,7 @@ def test_config_round_trip():
     gpt2 = config_from_hf(transformers.GPT2Config())
     assert (gpt2["embed_dim"], gpt2["hidden_dim"], gpt2["norm_eps"], gpt2["tie_word_embeddings"]) == (768, 3072, 1e-5, True)
     with pytest.raises(ValueError, match="model_type 'bert'"): config_from_hf(transformers.BertConfig())
-    with pytest.raises(ValueError, match="hidden_act is 'gelu'"): config_from_hf(transformers.LlamaConfig(hidden_act="gelu"))
+    with pytest.raises(ValueError, match="hidden_act='gelu'"): config_from_hf(transformers.LlamaConfig(hidden_act="gelu"))
 
 
 def test_state_dict_names_match_contract():
@@ -179,3 +184,190 @@ def test_hf_tokenizer_adapter(tmp_path):
         hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), allowed_special="all")
     reloaded = HFTokenizer.load(tokenizer.save(tmp_path / "tokenizer.json"))
     assert reloaded.encode(text, allowed_special="all") == ids
+
+
+# ---- 🤗 config settings that change the math: each is mapped (parity) or refused by name ----
+
+HF_BASE = {  # tiny Transformers configs with 3 layers (so a per-layer setting shows from layer 2 on)
+    "gpt2": dict(vocab_size=128, n_embd=32, n_head=4, n_layer=3, n_positions=64, bos_token_id=None, eos_token_id=None),
+    "llama": dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, bos_token_id=None, eos_token_id=None),
+    "mistral": dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=64, sliding_window=8, bos_token_id=None, eos_token_id=None),
+}
+HF_CONFIG_CLASS = {"gpt2": transformers.GPT2Config, "llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig}
+
+
+def hf_model_with(arch, seed=0, scale=0.2, **fields):
+    "A tiny 🤗 model built straight from a Transformers config with `fields`; every weight perturbed by N(0, scale²)."
+    hf_model = _hf_model_class(arch)(HF_CONFIG_CLASS[arch](**(HF_BASE[arch] | fields)))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in hf_model.parameters(): p.add_(torch.randn_like(p) * scale)   # norms around 1, biases around 0
+    return hf_model.eval()
+
+
+SUPPORTED = [  # (arch, 🤗 fields, with the same weights, do they change 🤗's logits?)
+    ("gpt2", dict(n_inner=48), False),
+    ("gpt2", dict(layer_norm_epsilon=0.3), True),
+    ("gpt2", dict(tie_word_embeddings=False), False),
+    ("gpt2", dict(n_positions=32), False),
+    ("gpt2", dict(reorder_and_upcast_attn=True), False),          # float32 scores with the scale folded in: same function
+    ("gpt2", dict(activation_function="gelu_pytorch_tanh"), False),
+    ("gpt2", dict(activation_function="gelu_python_tanh"), False),
+    ("gpt2", dict(activation_function="gelu_fast"), False),
+    ("gpt2", dict(resid_pdrop=0.2, embd_pdrop=0.2, attn_pdrop=0.2), False),
+    ("llama", dict(head_dim=16), False),
+    ("llama", dict(rope_theta=500.0), True),                     # the pre-Transformers-5 spelling
+    ("llama", dict(rope_parameters=dict(rope_type="default", rope_theta=500.0)), True),
+    ("llama", dict(rms_norm_eps=0.3), True),
+    ("llama", dict(attention_bias=True, mlp_bias=True), False),
+    ("llama", dict(tie_word_embeddings=True), False),
+    ("llama", dict(num_key_value_heads=1), False),
+    ("llama", dict(pretraining_tp=2), False),                     # Transformers 5 ignores it; older ones split the same sums
+    ("llama", dict(hidden_act="swish"), False),                   # another name for SiLU
+    ("llama", dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=1.0)), False),
+    ("mistral", dict(sliding_window=4), True),
+    ("mistral", dict(sliding_window=None), True),
+    ("mistral", dict(head_dim=16, rope_theta=500.0), False),
+    ("mistral", dict(use_sliding_window=True), False),
+    ("mistral", dict(attention_bias=True), False),                # Transformers' Mistral has no biases whatever this says
+]
+
+
+@pytest.mark.parametrize("arch, fields, changes_logits", SUPPORTED, ids=lambda v: repr(v) if isinstance(v, dict) else str(v))
+def test_supported_hf_settings_give_the_same_logits(arch, fields, changes_logits):
+    hf_model = hf_model_with(arch, **fields)
+    ours = from_hf(hf_model)
+    input_ids, mask = batch(20, padded=True)
+    assert logits_max_diff(ours, hf_model, input_ids, mask) < TOL
+    if changes_logits:   # the setting matters: had the conversion ignored it, the line above would have failed
+        assert logits_max_diff(ours, hf_model_with(arch), input_ids, mask) > 1e-2
+    back = to_hf(ours)    # and back: a 🤗 model computing the same function
+    assert logits_max_diff(ours, back, input_ids, mask) < TOL
+
+
+REFUSED = [  # (arch, 🤗 fields, what the error must name)
+    ("gpt2", dict(scale_attn_weights=False), "scale_attn_weights=False"),
+    ("gpt2", dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx=True"),
+    ("gpt2", dict(scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True), "scale_attn_by_inverse_layer_idx=True"),
+    ("gpt2", dict(activation_function="gelu"), "activation_function='gelu'"),
+    ("gpt2", dict(activation_function="relu"), "activation_function='relu'"),
+    ("gpt2", dict(add_cross_attention=True), "add_cross_attention=True"),
+    ("gpt2", dict(embd_pdrop=0.1, attn_pdrop=0.0, resid_pdrop=0.1), "embd_pdrop/attn_pdrop/resid_pdrop=(0.1, 0.0, 0.1)"),
+    ("llama", dict(rope_scaling=dict(rope_type="linear", factor=2.0)), "rope_parameters['rope_type']='linear'"),
+    ("llama", dict(rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0)), "rope_type']='dynamic'"),
+    ("llama", dict(rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+                                        high_freq_factor=4.0, original_max_position_embeddings=16)), "rope_type']='llama3'"),
+    ("llama", dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5)),
+     "partial_rotary_factor=0.5"),
+    ("llama", dict(hidden_act="gelu"), "hidden_act='gelu'"),
+    ("llama", dict(attention_bias=True), "attention_bias/mlp_bias=(True, False)"),
+    ("llama", dict(mlp_bias=True), "attention_bias/mlp_bias=(False, True)"),
+    ("llama", dict(sliding_window=4), "sliding_window=4"),
+    ("mistral", dict(use_sliding_window=False), "use_sliding_window=False"),
+    ("mistral", dict(layer_types=["full_attention", "sliding_attention", "sliding_attention"]), "layer_types=["),
+    ("mistral", dict(hidden_act="relu"), "hidden_act='relu'"),
+    ("mistral", dict(rope_scaling=dict(rope_type="yarn", factor=2.0)), "rope_type']='yarn'"),
+]
+
+
+@pytest.mark.parametrize("arch, fields, named", REFUSED, ids=lambda v: repr(v) if isinstance(v, dict) else str(v))
+def test_unsupported_hf_settings_are_refused_by_name(arch, fields, named, tmp_path):
+    hf_model = hf_model_with(arch, **fields)
+    with pytest.raises(ValueError, match=re.escape(named)): config_from_hf(hf_model.config)
+    with pytest.raises(ValueError, match=re.escape(named)): from_hf(hf_model)
+    hf_model.save_pretrained(tmp_path)                                  # and from a directory
+    if "layer_types" in fields: named = "model_type 'ministral'"        # which Transformers reads as a Ministral
+    with pytest.raises(ValueError, match=re.escape(named)): from_hf(tmp_path)
+
+
+def test_issue_gpt2_settings_change_the_logits_and_every_problem_is_named():
+    "The two GPT-2 settings of the issue do change the logits (so loading them was silently wrong), and both are named."
+    input_ids, mask = batch(20)
+    default = hf_model_with("gpt2")
+    for fields in [dict(scale_attn_weights=False), dict(scale_attn_by_inverse_layer_idx=True)]:
+        with torch.no_grad():
+            theirs = hf_model_with("gpt2", **fields)(input_ids, attention_mask=mask.long()).logits
+            assert (theirs - default(input_ids, attention_mask=mask.long()).logits)[mask].abs().max() > 1e-2
+    both = transformers.GPT2Config(scale_attn_weights=False, scale_attn_by_inverse_layer_idx=True)
+    with pytest.raises(ValueError, match=r"scale_attn_weights=False .*; scale_attn_by_inverse_layer_idx=True"):
+        config_from_hf(both)
+
+
+def test_config_to_hf_refuses_what_transformers_cannot_express():
+    gpt2 = dict(ARCHITECTURES["gpt2"][0].from_preset("gpt2-tiny").config)
+    for change, named in [(dict(bias=False), "bias=False"), (dict(num_kv_heads=2), "num_kv_heads=2"),
+                          (dict(window_size=8), "window_size=8"), (dict(head_dim=16), "head_dim=16")]:
+        with pytest.raises(ValueError, match=re.escape(named)): config_to_hf(gpt2 | change)
+    mistral = dict(ARCHITECTURES["mistral"][0].from_preset("mistral-tiny").config)
+    with pytest.raises(ValueError, match=re.escape("bias=True (Transformers' Mistral has no biases)")):
+        config_to_hf(mistral | dict(bias=True))
+    with pytest.raises(ValueError, match=re.escape("bias=True")): to_hf(random_model("mistral", bias=True))
+
+
+def test_config_overrides_may_add_metadata_but_not_change_the_math():
+    model = random_model("gpt2")
+    assert to_hf(model, eos_token_id=3, pad_token_id=0).config.eos_token_id == 3
+    with pytest.raises(ValueError, match=re.escape("scale_attn_weights=False")): to_hf(model, scale_attn_weights=False)
+    with pytest.raises(ValueError, match=re.escape("change ['norm_eps']")): to_hf(model, layer_norm_epsilon=0.5)
+    with pytest.raises(ValueError, match=re.escape("attn_pdrop")): config_to_hf(model.config, attn_pdrop=0.3)
+    llama = random_model("llama")
+    with pytest.raises(ValueError, match=re.escape("change ['rope_base']")):
+        to_hf(llama, rope_parameters=dict(rope_type="default", rope_theta=5.0))
+    with pytest.raises(ValueError, match=re.escape("rope_type']='linear'")):
+        to_hf(llama, rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0))
+
+
+# ---- directories: the weights must fit config.json exactly ----
+
+def edit_config_json(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | changes))
+
+
+@pytest.mark.parametrize("arch, layers_key", [("gpt2", "n_layer"), ("llama", "num_hidden_layers"), ("mistral", "num_hidden_layers")])
+def test_directory_whose_config_has_more_layers_than_its_weights(arch, layers_key, tmp_path):
+    "The issue's case: config.json says 3 layers, the weights hold 2 (Transformers would fill layer 3 randomly)."
+    path = save_hf(random_model(arch), tmp_path / arch)
+    edit_config_json(path, **{layers_key: 3})
+    layer_2 = "transformer.h.2." if arch == "gpt2" else "model.layers.2."
+    with pytest.raises(ValueError, match=rf"weights in '{re.escape(str(path))}' do not fit its config.json; "
+                                         rf"missing \(\d+\): {re.escape(layer_2)}"):
+        from_hf(path)
+    edit_config_json(path, **{layers_key: 1})      # fewer layers than the weights: the extra ones are named too
+    with pytest.raises(ValueError, match=r"unexpected \(\d+\): " + re.escape(layer_2.replace("2", "1"))):
+        from_hf(path)
+
+
+def test_directory_missing_or_misshaped_tensors_are_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+    path = save_hf(random_model("llama"), tmp_path / "llama")
+    tensors = load_file(path / "model.safetensors")
+    del tensors["model.layers.1.self_attn.v_proj.weight"]
+    tensors["model.norm.weight"] = torch.ones(31)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=re.escape("missing (1): model.layers.1.self_attn.v_proj.weight; "
+                                                   "mis-shaped (1): model.norm.weight: got (31,), expected (32,)")):
+        from_hf(path)
+
+
+def test_directory_that_transformers_cannot_read_is_named(tmp_path):
+    path = save_hf(random_model("gpt2"), tmp_path / "gpt2")
+    (path / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=re.escape(f"hf_model_or_dir {str(path)!r} cannot be loaded by Transformers")):
+        from_hf(path)
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=re.escape(f"hf_model_or_dir {str(path)!r} cannot be loaded by Transformers")):
+        from_hf(path)
+
+
+# ---- save_hf writes with the user's umask ----
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_save_hf_files_get_the_users_umask(umask, mode, tmp_path):
+    old = os.umask(umask)
+    try: path = save_hf(random_model("llama"), tmp_path / "out")
+    finally: os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.iterdir()}
+    assert modes == {name: mode for name in ("config.json", "generation_config.json", "model.safetensors")}
