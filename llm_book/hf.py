@@ -352,7 +352,7 @@ def save_hf(model: nn.Module, # an llm_book GPT2, Llama or Mistral
     path = Path(path)
     to_hf(model, **config_overrides).save_pretrained(path, safe_serialization=True)
     # safetensors creates its files with mode 0600 whatever the umask: give them the mode any other new file gets
-    for weights in path.glob("*.safetensors"): weights.chmod(0o666 & ~_umask())
+    for weights in path.glob("model*.safetensors"): weights.chmod(0o666 & ~_umask())   # model.safetensors or its shards
     return path
 
 # %% ../nbs/40_hf.ipynb #888e63c6
