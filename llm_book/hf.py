@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .models.gpt import GPT2
+from .core.gelu import GELU
+from .models.gpt import GPT, GPT2
 from .models.llama import Llama
 from .models.mistral import Mistral
 from .tokenizers.base_tokenizer import BaseTokenizer
@@ -23,16 +24,17 @@ __all__ = ['ARCHITECTURES', 'architecture_of', 'unsupported_hf_settings', 'confi
 
 # %% ../nbs/40_hf.ipynb #66b6cd14
 ARCHITECTURES = {  # llm_book architecture name -> (our model class, 🤗 model_type)
+    "gpt": (GPT, "openai-gpt"),
     "gpt2": (GPT2, "gpt2"),
     "llama": (Llama, "llama"),
     "mistral": (Mistral, "mistral"),
 }
 
 def architecture_of(model: nn.Module) -> str:
-    "The architecture name (`gpt2`, `llama`, `mistral`) of one of our models."
-    for arch in ("mistral", "llama", "gpt2"):  # Mistral may subclass Llama: test the most specific class first
+    "The architecture name (`gpt`, `gpt2`, `llama`, `mistral`) of one of our models."
+    for arch in ("mistral", "llama", "gpt2", "gpt"):  # Mistral subclasses Llama, GPT2 GPT: most specific first
         if isinstance(model, ARCHITECTURES[arch][0]): return arch
-    raise ValueError(f"model is a {type(model).__name__}; expected one of GPT2, Llama, Mistral")
+    raise ValueError(f"model is a {type(model).__name__}; expected one of GPT, GPT2, Llama, Mistral")
 
 # %% ../nbs/40_hf.ipynb #127f5a02
 # Activation names Transformers resolves to the tanh GELU 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), llm_book's GPT-2 one
@@ -53,6 +55,12 @@ def unsupported_hf_settings(hf_config) -> list[str]:
     problems = []
     def refuse(field, value, why): problems.append(f"{field}={value!r} ({why})")
     model_type = get("model_type")
+    if model_type in ("gpt2", "openai-gpt"):
+        dropouts = {name: get(name, 0.0) for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop")}
+        if len(set(dropouts.values())) > 1:
+            refuse("embd_pdrop/attn_pdrop/resid_pdrop", tuple(dropouts.values()), "llm_book uses one dropout probability for all three")
+    if model_type == "openai-gpt" and get("afn", "gelu") != "gelu":  # Transformers' OpenAI GPT: 'gelu' is the tanh GELU
+        refuse("afn", get("afn"), "llm_book's GPT uses a GELU ('gelu')")
     if model_type == "gpt2":
         if not get("scale_attn_weights", True):
             refuse("scale_attn_weights", False, "llm_book always divides attention scores by sqrt(head_dim)")
@@ -62,9 +70,6 @@ def unsupported_hf_settings(hf_config) -> list[str]:
             refuse("activation_function", get("activation_function"), f"llm_book's GPT-2 uses the tanh GELU, one of {_TANH_GELUS}")
         if get("add_cross_attention", False):
             refuse("add_cross_attention", True, "llm_book's GPT-2 is decoder-only, with no cross-attention")
-        dropouts = {name: get(name, 0.0) for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop")}
-        if len(set(dropouts.values())) > 1:
-            refuse("embd_pdrop/attn_pdrop/resid_pdrop", tuple(dropouts.values()), "llm_book uses one dropout probability for all three")
     elif model_type in ("llama", "mistral"):
         rope = _rope_parameters(hf_config)
         if rope.get("rope_type", "default") != "default":
@@ -89,12 +94,18 @@ def unsupported_hf_settings(hf_config) -> list[str]:
     return problems
 
 def config_from_hf(hf_config) -> dict:
-    "Our config dict (with its `architecture`) for a 🤗 `GPT2Config`, `LlamaConfig` or `MistralConfig`."
+    "Our config dict (with its `architecture`) for a 🤗 `OpenAIGPTConfig`, `GPT2Config`, `LlamaConfig` or `MistralConfig`."
     model_type = getattr(hf_config, "model_type", None)
-    if model_type not in ("gpt2", "llama", "mistral"):
-        raise ValueError(f"hf_config has model_type {model_type!r}; expected 'gpt2', 'llama' or 'mistral'")
+    if model_type not in ("openai-gpt", "gpt2", "llama", "mistral"):
+        raise ValueError(f"hf_config has model_type {model_type!r}; expected 'openai-gpt', 'gpt2', 'llama' or 'mistral'")
     problems = unsupported_hf_settings(hf_config)
     if problems: raise ValueError(f"hf_config ({model_type}) has settings llm_book cannot reproduce: " + "; ".join(problems))
+    if model_type == "openai-gpt":   # post-LN blocks, no final norm, an MLP always 4 × n_embd wide
+        return dict(
+            architecture="gpt", vocab_size=hf_config.vocab_size, embed_dim=hf_config.n_embd, num_heads=hf_config.n_head,
+            num_layers=hf_config.n_layer, max_position_embeddings=hf_config.n_positions, hidden_dim=4 * hf_config.n_embd,
+            norm_eps=hf_config.layer_norm_epsilon, dropout=hf_config.resid_pdrop, bias=True,
+            tie_word_embeddings=hf_config.tie_word_embeddings)
     if model_type == "gpt2":
         return dict(
             architecture="gpt2", vocab_size=hf_config.vocab_size, embed_dim=hf_config.n_embd, num_heads=hf_config.n_head,
@@ -119,28 +130,37 @@ def config_from_hf(hf_config) -> dict:
 # %% ../nbs/40_hf.ipynb #51ba0f01
 def config_to_hf(config: dict, # an llm_book config dict (`llm_book.models.configs`)
                  **overrides): # extra 🤗 config fields, e.g. `eos_token_id`
-    "The 🤗 config (`GPT2Config`, `LlamaConfig` or `MistralConfig`) for one of our configs."
+    "The 🤗 config (`OpenAIGPTConfig`, `GPT2Config`, `LlamaConfig` or `MistralConfig`) for one of our configs."
     import transformers
     c, arch = config, config.get("architecture")
-    if arch not in ("gpt2", "llama", "mistral"):
-        raise ValueError(f"config architecture is {arch!r}; expected 'gpt2', 'llama' or 'mistral'")
+    if arch not in ("gpt", "gpt2", "llama", "mistral"):
+        raise ValueError(f"config architecture is {arch!r}; expected 'gpt', 'gpt2', 'llama' or 'mistral'")
     # settings of ours that the 🤗 class cannot express
     problems = []
     head_dim = c.get("head_dim") or c["embed_dim"] // c["num_heads"]
-    if arch == "gpt2":
-        if not c.get("bias", True): problems.append("bias=False (Transformers' GPT-2 always has biases)")
+    if arch in ("gpt", "gpt2"):
+        name = "GPT-2" if arch == "gpt2" else "OpenAI GPT"
+        if not c.get("bias", True): problems.append(f"bias=False (Transformers' {name} always has biases)")
         if c.get("num_kv_heads") not in (None, c["num_heads"]):
-            problems.append(f"num_kv_heads={c['num_kv_heads']} (Transformers' GPT-2 has no grouped-query attention)")
+            problems.append(f"num_kv_heads={c['num_kv_heads']} (Transformers' {name} has no grouped-query attention)")
         if c.get("window_size") is not None:
-            problems.append(f"window_size={c['window_size']} (Transformers' GPT-2 has no sliding window)")
+            problems.append(f"window_size={c['window_size']} (Transformers' {name} has no sliding window)")
         if head_dim * c["num_heads"] != c["embed_dim"]:
-            problems.append(f"head_dim={head_dim} (Transformers' GPT-2 needs head_dim = embed_dim / num_heads)")
+            problems.append(f"head_dim={head_dim} (Transformers' {name} needs head_dim = embed_dim / num_heads)")
+    if arch == "gpt" and c.get("hidden_dim") not in (None, 4 * c["embed_dim"]):
+        problems.append(f"hidden_dim={c['hidden_dim']} (Transformers' OpenAI GPT's MLP is 4 × embed_dim wide)")
     if arch == "mistral" and c.get("bias", False):
         problems.append("bias=True (Transformers' Mistral has no biases)")
     if arch == "llama" and c.get("window_size") is not None:
         problems.append(f"window_size={c['window_size']} (Transformers' Llama has no sliding window: use Mistral)")
     if problems: raise ValueError(f"config ({arch}) has settings Transformers cannot reproduce: " + "; ".join(problems))
-    if arch == "gpt2":
+    if arch == "gpt":
+        hf_class = transformers.OpenAIGPTConfig
+        fields = dict(vocab_size=c["vocab_size"], n_embd=c["embed_dim"], n_head=c["num_heads"], n_layer=c["num_layers"],
+                      n_positions=c["max_position_embeddings"], afn="gelu", layer_norm_epsilon=c.get("norm_eps", 1e-5),
+                      resid_pdrop=c.get("dropout", 0.0), embd_pdrop=c.get("dropout", 0.0), attn_pdrop=c.get("dropout", 0.0),
+                      tie_word_embeddings=c.get("tie_word_embeddings", True))
+    elif arch == "gpt2":
         hf_class = transformers.GPT2Config
         fields = dict(vocab_size=c["vocab_size"], n_embd=c["embed_dim"], n_head=c["num_heads"],
                       n_layer=c["num_layers"], n_positions=c["max_position_embeddings"],
@@ -170,15 +190,16 @@ def config_to_hf(config: dict, # an llm_book config dict (`llm_book.models.confi
     return hf_config
 
 # %% ../nbs/40_hf.ipynb #4e1d8692
-def hf_name_table(arch: str, # `gpt2`, `llama` or `mistral`
+def hf_name_table(arch: str, # `gpt`, `gpt2`, `llama` or `mistral`
                   num_layers: int, # number of decoder blocks
                   bias: bool=False, # whether LLaMA/Mistral linear layers have biases
                  ) -> dict[str, tuple[list[str], bool]]:
     "Map each llm_book state-dict name to `(🤗 names fused in order, transposed?)`."
     table = {}
-    if arch == "gpt2":
-        table["token_embeddings.embedding.weight"] = (["transformer.wte.weight"], False)
-        table["position_embeddings.embedding.weight"] = (["transformer.wpe.weight"], False)
+    if arch in ("gpt", "gpt2"):  # the same blocks; OpenAI GPT names its embeddings differently and has no final norm
+        tokens, positions = ("wte", "wpe") if arch == "gpt2" else ("tokens_embed", "positions_embed")
+        table["token_embeddings.embedding.weight"] = ([f"transformer.{tokens}.weight"], False)
+        table["position_embeddings.embedding.weight"] = ([f"transformer.{positions}.weight"], False)
         for i in range(num_layers):
             ours, hf = f"layers.{i}.", f"transformer.h.{i}."
             for our_part, hf_part in [("attention_norm", "ln_1"), ("ffn_norm", "ln_2"),
@@ -187,8 +208,9 @@ def hf_name_table(arch: str, # `gpt2`, `llama` or `mistral`
                 is_conv1d = not our_part.endswith("norm")  # GPT-2's Conv1D stores weight as (in, out)
                 table[f"{ours}{our_part}.weight"] = ([f"{hf}{hf_part}.weight"], is_conv1d)
                 table[f"{ours}{our_part}.bias"] = ([f"{hf}{hf_part}.bias"], False)
-        table["final_norm.weight"] = (["transformer.ln_f.weight"], False)
-        table["final_norm.bias"] = (["transformer.ln_f.bias"], False)
+        if arch == "gpt2":
+            table["final_norm.weight"] = (["transformer.ln_f.weight"], False)
+            table["final_norm.bias"] = (["transformer.ln_f.bias"], False)
     elif arch in ("llama", "mistral"):
         table["token_embeddings.embedding.weight"] = (["model.embed_tokens.weight"], False)
         for i in range(num_layers):
@@ -204,7 +226,7 @@ def hf_name_table(arch: str, # `gpt2`, `llama` or `mistral`
                     table[f"{ours}{our_part}.{kind}"] = ([f"{hf}{p}.{kind}" for p in hf_parts], False)
         table["final_norm.weight"] = (["model.norm.weight"], False)
     else:
-        raise ValueError(f"arch is {arch!r}; expected 'gpt2', 'llama' or 'mistral'")
+        raise ValueError(f"arch is {arch!r}; expected 'gpt', 'gpt2', 'llama' or 'mistral'")
     table["lm_head.weight"] = (["lm_head.weight"], False)
     return table
 
@@ -236,7 +258,7 @@ def state_dict_from_hf(hf_state_dict: dict, # 🤗 names -> tensors
                       ) -> dict:
     "Rename, transpose and fuse a 🤗 state dict into llm_book names."
     arch = config["architecture"]
-    table = hf_name_table(arch, config["num_layers"], bias=config.get("bias", False) and arch != "gpt2")
+    table = hf_name_table(arch, config["num_layers"], bias=config.get("bias", False) and arch in ("llama", "mistral"))
     hf_state_dict = {n: t for n, t in hf_state_dict.items() if not n.endswith(_HF_IGNORED_SUFFIXES)}
     if config.get("tie_word_embeddings") and "lm_head.weight" not in hf_state_dict:
         hf_state_dict["lm_head.weight"] = hf_state_dict.get(table["token_embeddings.embedding.weight"][0][0])
@@ -255,7 +277,7 @@ def state_dict_to_hf(state_dict: dict, # llm_book names -> tensors
                     ) -> dict:
     "Rename, transpose and split an llm_book state dict into 🤗 names."
     arch = config["architecture"]
-    table = hf_name_table(arch, config["num_layers"], bias=config.get("bias", False) and arch != "gpt2")
+    table = hf_name_table(arch, config["num_layers"], bias=config.get("bias", False) and arch in ("llama", "mistral"))
     check_state_dict(state_dict, {n: state_dict[n] for n in table if n in state_dict} |
                      {n: () for n in table if n not in state_dict}, what="state_dict")
     out = {}
@@ -303,10 +325,19 @@ def _hf_model(hf_model_or_dir):
                          "expected a Transformers model or a directory")
     return hf_model_or_dir
 
-def from_hf(hf_model_or_dir, # a `GPT2LMHeadModel`, `LlamaForCausalLM`, `MistralForCausalLM`, or a saved directory
+def _check_gelu_matches(model: nn.Module, arch: str):
+    "Transformers' OpenAI GPT computes the tanh GELU: refuse one of our GPTs whose feed-forward computes another."
+    if arch != "gpt": return
+    activations = {repr(layer.feed_forward.activation) for layer in model.layers
+                   if not (isinstance(layer.feed_forward.activation, GELU) and layer.feed_forward.activation.approximate == "tanh")}
+    if activations:
+        raise ValueError(f"llm_book's GPT here computes {', '.join(sorted(activations))} in its feed-forward layers, "
+                         "Transformers' OpenAI GPT (afn='gelu') the tanh GELU: the logits would differ, so it is not converted")
+
+def from_hf(hf_model_or_dir, # an `OpenAIGPTLMHeadModel`, `GPT2LMHeadModel`, `LlamaForCausalLM`, `MistralForCausalLM`, or a directory
             dtype: torch.dtype|None=None, # dtype of our model (None: keep the 🤗 weights' dtype)
            ) -> nn.Module:
-    "An llm_book `GPT2`, `Llama` or `Mistral` with the weights and config of a 🤗 model."
+    "An llm_book `GPT`, `GPT2`, `Llama` or `Mistral` with the weights and config of a 🤗 model."
     hf_model = _hf_model(hf_model_or_dir)
     config = config_from_hf(hf_model.config)
     model_class = ARCHITECTURES[config["architecture"]][0]
@@ -314,20 +345,22 @@ def from_hf(hf_model_or_dir, # a `GPT2LMHeadModel`, `LlamaForCausalLM`, `Mistral
     state_dict = state_dict_from_hf(hf_state_dict, config)
     dtype = dtype or next(iter(hf_state_dict.values())).dtype
     model = model_class(config).to(dtype)
+    _check_gelu_matches(model, config["architecture"])
     return load_state_dict_strict(model, state_dict, what="converted 🤗 weights").eval()
 
 # %% ../nbs/40_hf.ipynb #c0e2df79
 def _hf_model_class(arch: str):
     "The Transformers `*ForCausalLM` class of an architecture."
     import transformers
-    return {"gpt2": transformers.GPT2LMHeadModel, "llama": transformers.LlamaForCausalLM,
+    return {"gpt": transformers.OpenAIGPTLMHeadModel, "gpt2": transformers.GPT2LMHeadModel, "llama": transformers.LlamaForCausalLM,
             "mistral": transformers.MistralForCausalLM}[arch]
 
-def to_hf(model: nn.Module, # an llm_book GPT2, Llama or Mistral
+def to_hf(model: nn.Module, # an llm_book GPT, GPT2, Llama or Mistral
           **config_overrides, # extra 🤗 config fields, e.g. `eos_token_id=2`
          ):
     "The equivalent 🤗 Transformers model (same dtype), in eval mode."
     arch = architecture_of(model)
+    _check_gelu_matches(model, arch)
     config = dict(model.config, architecture=arch)
     hf_config = config_to_hf(config, **config_overrides)
     dtype = next(model.parameters()).dtype
@@ -344,7 +377,7 @@ def _umask() -> int:
     os.umask(mask)
     return mask
 
-def save_hf(model: nn.Module, # an llm_book GPT2, Llama or Mistral
+def save_hf(model: nn.Module, # an llm_book GPT, GPT2, Llama or Mistral
             path: str|Path, # directory to write (created if needed)
             **config_overrides, # extra 🤗 config fields, e.g. `eos_token_id=2`
            ) -> Path:

@@ -9,12 +9,14 @@ import torch
 import transformers
 from torch import nn
 
+from llm_book.core.gelu import GELU
+
 from llm_book.hf import (ARCHITECTURES, HFTokenizer, _hf_model_class, check_state_dict, config_from_hf, config_to_hf,
                          from_hf, load_state_dict_strict, logits_max_diff, save_hf, state_dict_from_hf,
                          state_dict_to_hf, to_hf)
 
 transformers.utils.logging.disable_progress_bar()
-ARCHS = list(ARCHITECTURES)
+ARCHS = ["gpt2", "llama", "mistral"]   # the original GPT has its own tests below (its GELU)
 TOL = 1e-5
 
 
@@ -166,7 +168,7 @@ def test_missing_unexpected_misshaped_are_errors():
 def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="not a directory with a config.json"): from_hf(tmp_path)
     with pytest.raises(ValueError, match="expected a Transformers model or a directory"): from_hf(nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="expected one of GPT2, Llama, Mistral"): to_hf(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="expected one of GPT, GPT2, Llama, Mistral"): to_hf(nn.Linear(2, 2))
 
 
 def test_hf_tokenizer_adapter(tmp_path):
@@ -371,3 +373,64 @@ def test_save_hf_files_get_the_users_umask(umask, mode, tmp_path):
     finally: os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.iterdir()}
     assert modes == {name: mode for name in ("config.json", "generation_config.json", "model.safetensors")}
+
+
+# ---- the original GPT <-> transformers.OpenAIGPTLMHeadModel ----
+
+def with_gelu(model, approximate):
+    "`model` with every GELU computing `approximate` ('tanh' is what Transformers' OpenAI GPT computes)."
+    for module in model.modules():
+        if isinstance(module, GELU): module.approximate = approximate
+    return model
+
+
+def random_hf_gpt(seed=0, **fields):
+    "A tiny 🤗 OpenAI GPT with every weight perturbed."
+    config = transformers.OpenAIGPTConfig(**(dict(vocab_size=128, n_embd=32, n_head=4, n_layer=3, n_positions=64) | fields))
+    torch.manual_seed(seed)
+    hf_model = transformers.OpenAIGPTLMHeadModel(config)
+    with torch.no_grad():
+        for p in hf_model.parameters(): p.add_(torch.randn_like(p) * 0.2)
+    return hf_model.eval()
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_gpt_to_openai_gpt_and_back(padded, tmp_path):
+    model = with_gelu(random_model("gpt"), "tanh")
+    input_ids, mask = batch(20, padded)
+    hf_model = to_hf(model)
+    assert type(hf_model) is transformers.OpenAIGPTLMHeadModel
+    assert hf_model.lm_head.weight.data_ptr() == hf_model.transformer.tokens_embed.weight.data_ptr()
+    assert logits_max_diff(model, hf_model, input_ids, mask) < TOL
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(save_hf(model, tmp_path / "gpt"), local_files_only=True)
+    assert logits_max_diff(model, reloaded.eval(), input_ids, mask) < TOL
+    # 🤗 (its own weights, untied head) -> ours, through the same config and name tables from_hf uses
+    hf_model = random_hf_gpt(tie_word_embeddings=False, layer_norm_epsilon=0.3)
+    config = config_from_hf(hf_model.config)
+    assert (config["architecture"], config["hidden_dim"], config["norm_eps"], config["tie_word_embeddings"]) == ("gpt", 128, 0.3, False)
+    ours = with_gelu(ARCHITECTURES["gpt"][0](config), "tanh")
+    load_state_dict_strict(ours, state_dict_from_hf(hf_model.state_dict(), config)).eval()
+    assert logits_max_diff(ours, hf_model, input_ids, mask) < TOL
+    assert logits_max_diff(with_gelu(ours, "none"), hf_model, input_ids, mask) > 1e-4   # the GELU matters
+
+
+def test_gpt_with_another_gelu_than_openai_gpt_is_refused():
+    "Transformers' OpenAI GPT computes the tanh GELU: a GPT computing the exact one is refused, not converted approximately."
+    with pytest.raises(ValueError, match=re.escape("GELU(approximate='none')")): to_hf(with_gelu(random_model("gpt"), "none"))
+    hf_model = random_hf_gpt()
+    default_gelus = {m.approximate for m in ARCHITECTURES["gpt"][0].from_preset("gpt-tiny").modules() if isinstance(m, GELU)}
+    if default_gelus == {"tanh"}:   # once llm_book's GPT computes the tanh GELU, from_hf converts it exactly
+        assert logits_max_diff(from_hf(hf_model), hf_model, *batch()) < TOL
+    else:
+        with pytest.raises(ValueError, match="the tanh GELU: the logits would differ"): from_hf(hf_model)
+
+
+def test_gpt_settings_transformers_cannot_express_are_refused():
+    with pytest.raises(ValueError, match=re.escape("afn='relu'")): config_from_hf(transformers.OpenAIGPTConfig(afn="relu"))
+    with pytest.raises(ValueError, match=re.escape("embd_pdrop/attn_pdrop/resid_pdrop=(0.1, 0.0, 0.1)")):
+        config_from_hf(transformers.OpenAIGPTConfig(attn_pdrop=0.0))
+    gpt = dict(ARCHITECTURES["gpt"][0].from_preset("gpt-tiny").config)
+    assert config_from_hf(config_to_hf(gpt)) == gpt
+    for change, named in [(dict(hidden_dim=64), "hidden_dim=64"), (dict(bias=False), "bias=False"),
+                          (dict(num_kv_heads=2), "num_kv_heads=2")]:
+        with pytest.raises(ValueError, match=re.escape(named)): config_to_hf(gpt | change)
