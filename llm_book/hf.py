@@ -60,7 +60,7 @@ def unsupported_hf_settings(hf_config) -> list[str]:
         if len(set(dropouts.values())) > 1:
             refuse("embd_pdrop/attn_pdrop/resid_pdrop", tuple(dropouts.values()), "llm_book uses one dropout probability for all three")
     if model_type == "openai-gpt" and get("afn", "gelu") != "gelu":  # Transformers' OpenAI GPT: 'gelu' is the tanh GELU
-        refuse("afn", get("afn"), "llm_book's GPT uses a GELU ('gelu')")
+        refuse("afn", get("afn"), "llm_book's GPT has a GELU feed-forward, afn='gelu'")
     if model_type == "gpt2":
         if not get("scale_attn_weights", True):
             refuse("scale_attn_weights", False, "llm_book always divides attention scores by sqrt(head_dim)")
