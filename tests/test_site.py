@@ -461,6 +461,25 @@ def test_cell_options_and_markdown_fixes():
     assert build_site.doc_link_fragment("trainer.__init__", {"trainer"}) == "trainer"
 
 
+def test_code_fold_renders_as_details():
+    "`#| code-fold: true` (an exercise's solution) folds the source into a closed <details>; `show` leaves it open."
+    import nbformat
+    nb = nbformat.v4.new_notebook()
+    folded = nbformat.v4.new_code_cell("#| code-fold: true\n#| code-summary: Solution\nanswer = 6 * 7\nprint(answer)")
+    folded.outputs = [nbformat.v4.new_output("stream", name="stdout", text="42\n")]
+    shown = nbformat.v4.new_code_cell("#| code-fold: show\nvisible = 1")
+    plain = nbformat.v4.new_code_cell("plain = 2")
+    nb.cells = [nbformat.v4.new_markdown_cell("An exercise."), folded, shown, plain]
+    body = build_site.notebook_html(nb)
+    details = re.findall(r"<details([^>]*)><summary>([^<]*)</summary>(.*?)</details>", body, flags=re.DOTALL)
+    assert [(attrs, summary) for attrs, summary, _ in details] == [(' class="code-fold"', "Solution"),
+                                                                    (' class="code-fold" open', "Code")]
+    assert "answer" in details[0][2] and "42" not in details[0][2]      # the source is folded, not the output
+    assert "42" in body.split("</details>", 1)[1]
+    assert "visible" in details[1][2] and "plain" not in "".join(d[2] for d in details)
+    assert "#|" not in body
+
+
 def test_make_readme_rules():
     "README: title and summary from the H1 cell, hidden/exported cells dropped, `echo: false` keeps the output."
     spec = importlib.util.spec_from_file_location("make_readme", ROOT / "tools" / "make_readme.py")

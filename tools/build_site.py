@@ -8,7 +8,8 @@ would render, with nbconvert instead:
 2. Each processed notebook is rendered with nbconvert into `_site/<output-file>` (nbdev's name: numbers
    dropped, `01_head_attention.ipynb` -> `head_attention.html`) inside a page with a title block, a
    sidebar listing every chapter grouped in parts, an "on this page" list and previous/next links.
-   Quarto cell options are honoured (`echo`, `output`, `include`) and their `#|` lines removed.
+   Quarto cell options are honoured (`echo`, `output`, `include`, `code-fold` and `code-summary`: the source
+   in a `<details>`, shown on a click) and their `#|` lines removed.
 3. MathJax 2 is copied from Debian's `libjs-mathjax` into `_site/mathjax/`, so the site needs no network.
 
 It also rewrites `nbs/sidebar.yml` (settings.ini has `custom_sidebar = True`), the parts Quarto shows.
@@ -192,6 +193,11 @@ def prepare_notebook(nb):
                 cell.outputs = []
             if opts.get("echo") == "false" or not code.strip():
                 cell.metadata.setdefault("transient", {})["remove_source"] = True
+            elif opts.get("code-fold") in ("true", "show"):  # Quarto's folded code: a <details> (fold_code_cells)
+                summary = opts.get("code-summary") or "Code"
+                tag = "code-fold-show" if opts["code-fold"] == "show" else "code-fold"
+                cell.metadata["tags"] = [*cell.metadata.get("tags", []), tag]
+                cell.metadata["code_summary"] = summary[:1].upper() + summary[1:]
             if not code.strip() and not cell.outputs:
                 continue
             for out in cell.get("outputs", []):
@@ -201,6 +207,23 @@ def prepare_notebook(nb):
         cells.append(cell)
     nb.cells = cells
     return nb, fm
+
+
+_re_folded_input = re.compile(
+    r'(<div class="cell [^"]*\bcelltag_(code-fold(?:-show)?)\b[^"]*"[^>]*>\s*)'   # the cell's opening tag
+    r'(<div class="input">.*?</pre></div>\s*</div>\s*</div>\s*</div>)', re.DOTALL)  # its input: the source
+
+
+def fold_code_cells(body: str, summaries: list) -> str:
+    "Wrap the source of cells tagged `code-fold` (`code-fold-show`: open) in `<details>`, as Quarto's code-fold does."
+    summaries = iter(summaries)
+
+    def repl(m):
+        is_open = " open" if m.group(2) == "code-fold-show" else ""
+        summary = html.escape(next(summaries, "Code"))
+        return (f'{m.group(1)}<details class="code-fold"{is_open}><summary>{summary}</summary>\n'
+                f'{m.group(3)}\n</details>')
+    return _re_folded_input.sub(repl, body)
 
 
 def has_image_outputs(nb) -> bool:
@@ -414,6 +437,8 @@ th, td { border-bottom: 1px solid var(--border); padding: .3rem .7rem; text-alig
 .pager { display: flex; justify-content: space-between; margin-top: 3rem; padding-top: 1rem;
          border-top: 1px solid var(--border); }
 .mjx-chtml { outline: none; }
+details.code-fold > summary { cursor: pointer; color: var(--muted); font-size: .9rem; margin: .2rem 0; }
+details.code-fold[open] > summary { margin-bottom: .3rem; }
 @media (max-width: 68rem) { .layout { grid-template-columns: 14rem minmax(0, 1fr); } .toc { display: none; } }
 @media (max-width: 48rem) { .layout { display: block; } .sidebar { position: static; max-height: none; } }
 """ + highlight + "\n"
@@ -435,19 +460,24 @@ def copy_mathjax(dest: Path):
             shutil.copy2(src, dst)
 
 
+def notebook_html(nb) -> str:
+    "A processed notebook's cells as HTML (nbconvert's basic template), cell options applied, folded code folded."
+    from nbconvert import HTMLExporter
+    nb, _ = prepare_notebook(nb)
+    exporter = HTMLExporter(template_name="basic", exclude_input_prompt=True, exclude_output_prompt=True,
+                            anchor_link_text="#")
+    body, _ = exporter.from_notebook_node(nb)
+    return fold_code_cells(body, [c.metadata["code_summary"] for c in nb.cells if "code_summary" in c.metadata])
+
+
 def render_body(rel: Path, error: str = None):
     "The chapter's HTML (nbconvert), its h2/h3 list and its element ids; an error notice if it failed."
     import nbformat
-    from nbconvert import HTMLExporter
     if error is not None:
         body = (f'<div class="build-error"><p>This chapter could not be processed for the documentation '
                 f'(nbdev_proc_nbs failed):</p><pre>{html.escape(error)}</pre></div>')
         return body, [], set()
-    nb, _ = prepare_notebook(nbformat.read(PROC / rel, as_version=4))
-    exporter = HTMLExporter(template_name="basic", exclude_input_prompt=True, exclude_output_prompt=True,
-                            anchor_link_text="#")
-    body, _ = exporter.from_notebook_node(nb)
-    body, toc = fix_headings(body)
+    body, toc = fix_headings(notebook_html(nbformat.read(PROC / rel, as_version=4)))
     return body, toc, set(re.findall(r'\sid="([^"]+)"', body))
 
 
