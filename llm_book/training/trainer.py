@@ -182,9 +182,10 @@ def model_state_tensors(model:nn.Module) -> tuple[dict, dict]:
 
 def load_model_weights(model:nn.Module, # the model to fill
                        path:str|Path, # a trainer checkpoint
+                       checkpoint:tuple[dict, dict]|None=None, # `read_checkpoint(path)` if the caller has it already
                       ) -> dict:
     "Load a checkpoint's model weights into `model` after checking names and shapes; return the metadata."
-    tensors, metadata = read_checkpoint(path)
+    tensors, metadata = read_checkpoint(path) if checkpoint is None else checkpoint
     state = {name[len("model."):]: t for name, t in tensors.items() if name.startswith("model.")}
     aliases = checkpoint_field(metadata, "aliases", path) if "aliases" in metadata else {}
     if not isinstance(aliases, dict) or not set(aliases.values()) <= set(state):
@@ -466,8 +467,8 @@ def load_checkpoint(self:Trainer, path:str|Path|None=None, # None: `out_dir/chec
                    ):
     "Restore weights, optimizer, scheduler, RNG and data position from a checkpoint."
     path = Path(path) if path is not None else self.checkpoint_path
-    metadata = load_model_weights(self.model, path)
-    tensors, _ = read_checkpoint(path)
+    tensors, metadata = checkpoint = read_checkpoint(path)   # read and verified once
+    load_model_weights(self.model, path, checkpoint)
     field = lambda key, parse=json.loads: checkpoint_field(metadata, key, path, parse)
     world_size = field("world_size", int)
     if world_size != self.world_size:
