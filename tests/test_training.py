@@ -17,6 +17,7 @@ from llm_book.tokenizers.char_tokenizer import CharTokenizer
 from llm_book.training import trainer as trainer_module
 from llm_book.training.optimizer import configure_optimizer, split_decay_parameters
 from llm_book.training.scheduler import cosine_schedule, get_scheduler
+from checkpoint_files import rewrite_checkpoint, tensor_byte_range
 from llm_book.training.trainer import NonFiniteLossError, Trainer, load_model_weights, read_checkpoint, read_log, write_csv
 
 
@@ -303,29 +304,6 @@ def test_scheduler_matches_formula():
 
 
 # ---- checkpoint integrity (issue 10) -----------------------------------------------------------------------
-def tensor_byte_range(path, name):
-    "Where tensor `name`'s buffer lies in the safetensors file `path` (8-byte header length, JSON header, buffers)."
-    raw = path.read_bytes()
-    header_size = int.from_bytes(raw[:8], "little")
-    start, end = json.loads(raw[8 : 8 + header_size])[name]["data_offsets"]
-    return 8 + header_size + start, 8 + header_size + end
-
-
-def rewrite_checkpoint(path, out, metadata_change=None, byte_change=None, name="model.qkv_proj.weight"):
-    "A copy of checkpoint `path` at `out` with its metadata changed, or with `byte_change(raw, start, end)` applied to a tensor."
-    if metadata_change is not None:
-        from safetensors import safe_open
-        from safetensors.torch import save_file
-        with safe_open(str(path), framework="pt") as f:
-            tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
-        save_file(tensors, str(out), metadata=metadata_change(dict(metadata)))
-    else:
-        raw = bytearray(path.read_bytes())
-        byte_change(raw, *tensor_byte_range(path, name))
-        out.write_bytes(bytes(raw))
-    return out
-
-
 def test_flipped_bytes_in_a_weight_are_detected(corpus, tmp_path):
     run(corpus, tmp_path, stop_at=2)
     path = tmp_path / "checkpoint.safetensors"
