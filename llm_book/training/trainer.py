@@ -13,7 +13,6 @@ __all__ = ['CHECKPOINT_FORMAT', 'LOG_FIELDS', 'TrainerConfig', 'user_file_mode',
 # %% ../../nbs/34_trainer.ipynb #5dcd7938
 import contextlib
 import csv
-import hashlib
 import json
 import math
 import os
@@ -21,6 +20,7 @@ import random
 import resource
 import time
 import warnings
+import zlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -103,17 +103,17 @@ def atomic_save_safetensors(tensors:dict, # name -> tensor
     return path
 
 def tensor_checksum(tensor:torch.Tensor) -> str:
-    "SHA-256 (hex) of a tensor's bytes as safetensors stores them: contiguous, on the CPU."
+    "CRC-32 (8 hex digits) of a tensor's bytes as safetensors stores them: contiguous, on the CPU."
     data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)   # (numel * itemsize,) raw bytes
-    return hashlib.sha256(data.numpy()).hexdigest()
+    return f"{zlib.crc32(data.numpy()):08x}"
 
 def metadata_checksum(metadata:dict) -> str:
-    "SHA-256 (hex) of every metadata entry except `checksums` itself."
+    "CRC-32 (8 hex digits) of every metadata entry except `checksums` itself."
     entries = {k: v for k, v in metadata.items() if k != "checksums"}
-    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+    return f"{zlib.crc32(json.dumps(entries, sort_keys=True).encode()):08x}"
 
 def with_checksums(tensors:dict, metadata:dict) -> dict:
-    "`metadata` plus a `checksums` entry: tensor name -> SHA-256, and `__metadata__` -> the metadata's SHA-256."
+    "`metadata` plus a `checksums` entry: tensor name -> CRC-32, and `__metadata__` -> the metadata's CRC-32."
     checksums = {name: tensor_checksum(t) for name, t in tensors.items()}
     checksums["__metadata__"] = metadata_checksum(metadata)
     return {**metadata, "checksums": json.dumps(checksums)}
@@ -123,7 +123,8 @@ def non_finite_tensors(tensors:dict, # name -> tensor
     "A description of each floating-point tensor in `tensors` that holds NaN or infinite values."
     found = []
     for name, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if not t.is_floating_point() or torch.isfinite(t.sum(dtype=torch.float32)): continue   # a finite sum: every value is finite (fast)
+        if not torch.isfinite(t).all():   # the sum may also have overflowed: look at each value
             found.append(f"{name!r} ({int(t.isnan().sum())} NaN, {int(t.isinf().sum())} infinite of {t.numel()} values)")
     return found
 
@@ -143,7 +144,7 @@ def verify_checksums(tensors:dict, metadata:dict, path:str|Path):
         raise ValueError(f"checkpoint {str(path)!r} is corrupt: tensors without a checksum {missing[:4]}, checksums without a tensor {unexpected[:4]}")
     for name, tensor in tensors.items():
         if tensor_checksum(tensor) != checksums[name]:
-            raise ValueError(f"checkpoint {str(path)!r} is corrupt: tensor {name!r} does not match the SHA-256 checksum stored at save time")
+            raise ValueError(f"checkpoint {str(path)!r} is corrupt: tensor {name!r} does not match the CRC-32 checksum stored at save time")
 
 def read_checkpoint(path:str|Path, # a file written by `Trainer.save_checkpoint`
                    ) -> tuple[dict, dict]:
@@ -444,13 +445,14 @@ def save_checkpoint(self:Trainer, path:str|Path|None=None, # None: `out_dir/chec
     if self.is_main:
         tensors, aliases = model_state_tensors(self.model)
         tensors = {f"model.{name}": t for name, t in tensors.items()}
-        broken = non_finite_tensors(tensors)
+        broken = non_finite_tensors(tensors)   # on the model's device
         if broken:   # never replace a good checkpoint with a broken one
             raise ValueError(f"the model holds non-finite values at step {self.step}: tensor {', '.join(broken[:4])}; "
                              f"checkpoint {str(path)!r} was left as it was")
         optimizer_state = self.optimizer.state_dict()
         for index, state in optimizer_state["state"].items():
             for name, value in state.items(): tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value)
+        tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}   # one copy, for the checksums and the file
         scheduler_state = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
         metadata = {"format": CHECKPOINT_FORMAT, "step": str(self.step), "tokens_seen": str(self.tokens_seen),
                     "trainer_config": json.dumps(asdict(self.config)), "model_class": type(self.model).__name__,
