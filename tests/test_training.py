@@ -347,7 +347,7 @@ def test_nan_weights_in_memory_are_named_and_never_saved(corpus, tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 5 because the model's weights are not finite: parameter 'norm.weight' \(1 NaN") as caught:
         trainer.fit()
     assert "last good checkpoint" not in str(caught.value)
-    with pytest.raises(ValueError, match="the model holds non-finite values at step 4: tensor 'model.norm.weight'"):
+    with pytest.raises(ValueError, match="the training state holds non-finite values at step 4: tensor 'model.norm.weight'"):
         trainer.save_checkpoint()
     assert (tmp_path / "checkpoint.safetensors").read_bytes() == good
 
@@ -416,3 +416,13 @@ def test_device_is_checked(corpus):
     else:
         with pytest.raises(ValueError, match=f"device 'cuda:{torch.cuda.device_count()}' does not exist"):
             Trainer(make_model(tokenizer.vocab_size), data, device=f"cuda:{torch.cuda.device_count()}")
+
+
+def test_non_finite_optimizer_state_is_never_saved(corpus, tmp_path):
+    "`read_checkpoint` refuses non-finite tensors, so `save_checkpoint` must never write one, optimizer state included."
+    trainer = run(corpus, tmp_path, stop_at=2)
+    good = (tmp_path / "checkpoint.safetensors").read_bytes()
+    trainer.optimizer.state[trainer.model.qkv_proj.weight]["exp_avg_sq"][0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"the training state holds non-finite values at step 2: tensor 'optimizer\.\d+\.exp_avg_sq' \(0 NaN, 1 infinite"):
+        trainer.save_checkpoint()
+    assert (tmp_path / "checkpoint.safetensors").read_bytes() == good

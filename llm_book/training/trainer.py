@@ -445,13 +445,13 @@ def save_checkpoint(self:Trainer, path:str|Path|None=None, # None: `out_dir/chec
     if self.is_main:
         tensors, aliases = model_state_tensors(self.model)
         tensors = {f"model.{name}": t for name, t in tensors.items()}
-        broken = non_finite_tensors(tensors)   # on the model's device
-        if broken:   # never replace a good checkpoint with a broken one
-            raise ValueError(f"the model holds non-finite values at step {self.step}: tensor {', '.join(broken[:4])}; "
-                             f"checkpoint {str(path)!r} was left as it was")
         optimizer_state = self.optimizer.state_dict()
         for index, state in optimizer_state["state"].items():
             for name, value in state.items(): tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value)
+        broken = non_finite_tensors(tensors)   # on the training device; `read_checkpoint` makes the same check
+        if broken:   # never replace a good checkpoint with one that cannot be loaded
+            raise ValueError(f"the training state holds non-finite values at step {self.step}: tensor {', '.join(broken[:4])}; "
+                             f"checkpoint {str(path)!r} was left as it was")
         tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}   # one copy, for the checksums and the file
         scheduler_state = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
         metadata = {"format": CHECKPOINT_FORMAT, "step": str(self.step), "tokens_seen": str(self.tokens_seen),
