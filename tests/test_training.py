@@ -382,7 +382,8 @@ def test_old_checkpoint_without_checksums_loads_with_a_warning(corpus, tmp_path)
     (lambda m: {**{k: v for k, v in m.items() if k != "checksums"}, "data": "{not json"}, "the key 'data' cannot be read"),
     (lambda m: {**{k: v for k, v in m.items() if k != "checksums"}, "world_size": "two"}, "the key 'world_size' cannot be read"),
     (lambda m: {**{k: v for k, v in m.items() if k != "checksums"}, "aliases": '{"lm_head.weight": "nothing"}'}, "'aliases' names tensors"),
-])
+], ids=["metadata-changed", "checksums-damaged", "old-rng-missing", "old-rng-empty", "old-data-not-json", "old-world-size-not-int",
+        "old-aliases-dangling"])
 def test_damaged_metadata_names_the_file_and_key(corpus, tmp_path, change, message):
     run(corpus, tmp_path / "good", stop_at=2)
     (tmp_path / "bad").mkdir()
