@@ -175,7 +175,8 @@ def parse_args(argv: list[str]|None=None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (float16: ~2x faster)")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1: parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0: parser.error(f"--temperature must be >= 0, got {args.temperature}")
+    if not args.temperature >= 0 or args.temperature == float("inf"): parser.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1: parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
     return args
 
 def main(argv: list[str]|None=None, # arguments after `llm_book chat` (default: sys.argv[1:])

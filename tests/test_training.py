@@ -1,6 +1,7 @@
 """Training: datasets (sharding, resume), optimizer groups, schedules, the trainer's exact resume, checkpoints, NaN stop."""
 import json
 import math
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -16,6 +17,7 @@ from llm_book.tokenizers.char_tokenizer import CharTokenizer
 from llm_book.training import trainer as trainer_module
 from llm_book.training.optimizer import configure_optimizer, split_decay_parameters
 from llm_book.training.scheduler import cosine_schedule, get_scheduler
+from checkpoint_files import rewrite_checkpoint, tensor_byte_range
 from llm_book.training.trainer import NonFiniteLossError, Trainer, load_model_weights, read_checkpoint, read_log, write_csv
 
 
@@ -299,3 +301,129 @@ def test_scheduler_matches_formula():
         assert optimizer.param_groups[0]["lr"] == pytest.approx(cosine_schedule(step, 5, 50, 0.1))
         optimizer.step(); scheduler.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
+# ---- checkpoint integrity (issue 10) -----------------------------------------------------------------------
+def test_flipped_bytes_in_a_weight_are_detected(corpus, tmp_path):
+    run(corpus, tmp_path, stop_at=2)
+    path = tmp_path / "checkpoint.safetensors"
+    start, end = tensor_byte_range(path, "model.qkv_proj.weight")
+    assert end - start >= 1000
+
+    def flip_1000(raw, start, end):
+        for i in range(start, start + 1000): raw[i] ^= 0x01   # values stay finite: only a checksum sees it
+    damaged = rewrite_checkpoint(path, tmp_path / "flipped.safetensors", byte_change=flip_1000)
+    from safetensors.torch import load_file
+    assert all(torch.isfinite(t).all() for t in load_file(str(damaged)).values())   # safetensors alone sees nothing wrong
+    with pytest.raises(ValueError, match=r"flipped.safetensors' is corrupt: tensor 'model.qkv_proj.weight' does not match the CRC-32 checksum"):
+        read_checkpoint(damaged)
+    _, tokenizer, _, _ = corpus
+    with pytest.raises(ValueError, match="does not match the CRC-32 checksum"):
+        load_model_weights(make_model(tokenizer.vocab_size), damaged)
+    # an optimizer tensor is checked too
+    damaged = rewrite_checkpoint(path, tmp_path / "opt.safetensors", byte_change=flip_1000, name="optimizer.0.exp_avg")
+    with pytest.raises(ValueError, match="tensor 'optimizer.0.exp_avg' does not match"):
+        read_checkpoint(damaged)
+
+
+def test_nan_in_a_weight_is_named(corpus, tmp_path):
+    import struct
+    run(corpus, tmp_path, stop_at=2)
+    path = tmp_path / "checkpoint.safetensors"
+    def write_nan(raw, start, end): raw[start + 4 : start + 8] = struct.pack("<f", float("nan"))
+    damaged = rewrite_checkpoint(path, tmp_path / "nan.safetensors", byte_change=write_nan, name="model.mlp.0.weight")
+    with pytest.raises(ValueError, match=r"holds non-finite values: tensor 'model.mlp.0.weight' \(1 NaN, 0 infinite"):
+        read_checkpoint(damaged)
+    # resuming from it names the tensor instead of training into a NaN loss
+    damaged.replace(path)
+    with pytest.raises(ValueError, match="tensor 'model.mlp.0.weight'"):
+        run(corpus, tmp_path, resume=True)
+
+
+def test_nan_weights_in_memory_are_named_and_never_saved(corpus, tmp_path):
+    trainer = run(corpus, tmp_path, stop_at=4)
+    good = (tmp_path / "checkpoint.safetensors").read_bytes()
+    with torch.no_grad(): trainer.model.norm.weight[3] = float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 5 because the model's weights are not finite: parameter 'norm.weight' \(1 NaN") as caught:
+        trainer.fit()
+    assert "last good checkpoint" not in str(caught.value)
+    with pytest.raises(ValueError, match="the training state holds non-finite values at step 4: tensor 'model.norm.weight'"):
+        trainer.save_checkpoint()
+    assert (tmp_path / "checkpoint.safetensors").read_bytes() == good
+
+
+def test_infinite_gradient_stops_before_the_update(corpus, tmp_path):
+    _, tokenizer, train_ids, _ = corpus
+    model = make_model(tokenizer.vocab_size)
+    trainer = Trainer(model, TextDataset(train_ids, 16), max_steps=4, batch_size=4, progress=False)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    model.qkv_proj.weight.register_hook(lambda grad: grad * float("inf"))
+    with pytest.raises(NonFiniteLossError, match=r"^the gradient norm is (nan|inf) at step 1 \(loss \d"):
+        trainer.train_step()
+    assert trainer.step == 0
+    for name, p in model.named_parameters(): assert torch.equal(p, before[name]), name
+
+
+def test_old_checkpoint_without_checksums_loads_with_a_warning(corpus, tmp_path):
+    _, tokenizer, _, _ = corpus
+    run(corpus, tmp_path, stop_at=2)
+    path = tmp_path / "checkpoint.safetensors"
+    old = rewrite_checkpoint(path, tmp_path / "old.safetensors", metadata_change=lambda m: {k: v for k, v in m.items() if k != "checksums"})
+    with pytest.warns(UserWarning, match="old.safetensors' has no checksums"):
+        metadata = load_model_weights(make_model(tokenizer.vocab_size), old)
+    assert metadata["step"] == "2"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: {**m, "step": "9"}, "its metadata does not match the checksum stored at save time"),
+    (lambda m: {**m, "checksums": "[1, 2"}, "its metadata key 'checksums' is damaged"),
+    (lambda m: {k: v for k, v in m.items() if k not in ("checksums", "rng")}, "the key 'rng' is missing"),
+    (lambda m: {**{k: v for k, v in m.items() if k != "checksums"}, "rng": "[]"}, r"has damaged metadata \(IndexError"),
+    (lambda m: {**{k: v for k, v in m.items() if k != "checksums"}, "data": "{not json"}, "the key 'data' cannot be read"),
+    (lambda m: {**{k: v for k, v in m.items() if k != "checksums"}, "world_size": "two"}, "the key 'world_size' cannot be read"),
+    (lambda m: {**{k: v for k, v in m.items() if k != "checksums"}, "aliases": '{"lm_head.weight": "nothing"}'}, "'aliases' names tensors"),
+], ids=["metadata-changed", "checksums-damaged", "old-rng-missing", "old-rng-empty", "old-data-not-json", "old-world-size-not-int",
+        "old-aliases-dangling"])
+def test_damaged_metadata_names_the_file_and_key(corpus, tmp_path, change, message):
+    run(corpus, tmp_path / "good", stop_at=2)
+    (tmp_path / "bad").mkdir()
+    rewrite_checkpoint(tmp_path / "good" / "checkpoint.safetensors", tmp_path / "bad" / "checkpoint.safetensors", metadata_change=change)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)   # the checkpoints without checksums warn that they cannot be verified
+        with pytest.raises(ValueError, match=rf"checkpoint '.*bad/checkpoint.safetensors'.*{message}"):
+            run(corpus, tmp_path / "bad", resume=True)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_checkpoint_and_log_follow_the_umask(corpus, tmp_path, umask, mode):
+    import os
+    previous = os.umask(umask)
+    try: run(corpus, tmp_path, stop_at=2)
+    finally: os.umask(previous)
+    for name in ("checkpoint.safetensors", "log.jsonl"):
+        assert oct((tmp_path / name).stat().st_mode & 0o777) == oct(mode), name
+
+
+def test_device_is_checked(corpus):
+    _, tokenizer, train_ids, _ = corpus
+    data = TextDataset(train_ids, 16)
+    with pytest.raises(ValueError, match="device 'tpu' is not a device name; expected 'cpu', 'cuda', 'cuda:N' or 'mps'"):
+        Trainer(make_model(tokenizer.vocab_size), data, device="tpu")
+    with pytest.raises(ValueError, match="device 'xla' is not supported"):
+        Trainer(make_model(tokenizer.vocab_size), data, device="xla")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda' needs CUDA, which this machine does not have"):
+            Trainer(make_model(tokenizer.vocab_size), data, device="cuda")
+    else:
+        with pytest.raises(ValueError, match=f"device 'cuda:{torch.cuda.device_count()}' does not exist"):
+            Trainer(make_model(tokenizer.vocab_size), data, device=f"cuda:{torch.cuda.device_count()}")
+
+
+def test_non_finite_optimizer_state_is_never_saved(corpus, tmp_path):
+    "`read_checkpoint` refuses non-finite tensors, so `save_checkpoint` must never write one, optimizer state included."
+    trainer = run(corpus, tmp_path, stop_at=2)
+    good = (tmp_path / "checkpoint.safetensors").read_bytes()
+    trainer.optimizer.state[trainer.model.qkv_proj.weight]["exp_avg_sq"][0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"the training state holds non-finite values at step 2: tensor 'optimizer\.\d+\.exp_avg_sq' \(0 NaN, 1 infinite"):
+        trainer.save_checkpoint()
+    assert (tmp_path / "checkpoint.safetensors").read_bytes() == good

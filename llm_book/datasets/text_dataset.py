@@ -86,10 +86,17 @@ def load_token_ids(path:str|Path, # a `.npy` file written by `save_token_ids`
     return ids
 
 def read_text_file(path:str|Path) -> str:
-    "The UTF-8 text of `path`, with clear errors for a missing or empty file."
+    "The UTF-8 text of `path`, with a clear error for a missing, unreadable, binary, non-UTF-8 or empty file."
     path = Path(path)
-    if not path.is_file(): raise ValueError(f"data file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+    if path.is_dir(): raise ValueError(f"data file {str(path)!r} is a directory; expected a UTF-8 text file")
+    if not path.exists(): raise ValueError(f"data file {str(path)!r} does not exist")
+    try: raw = path.read_bytes()   # also works for /dev/null and pipes, which are not regular files
+    except OSError as e: raise ValueError(f"data file {str(path)!r} cannot be read ({e.strerror})") from e
+    try: text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        kind = "looks binary" if b"\x00" in raw[:8192] else "is not UTF-8 text (Latin-1? convert it with `iconv -f latin1 -t utf-8`)"
+        raise ValueError(f"data file {str(path)!r} {kind}: byte {raw[e.start]:#04x} at offset {e.start} is not valid UTF-8") from None
+    if "\x00" in text: raise ValueError(f"data file {str(path)!r} looks binary (it contains NUL bytes); expected UTF-8 text")
     if not text.strip(): raise ValueError(f"data file {str(path)!r} is empty")
     return text
 
