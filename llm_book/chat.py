@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from fastcore.basics import patch
 
-from .core.base_model import sample_next_token
+from .core.generation import sample_next_token
 from .core.rope import rope_frequencies
 from .gguf import load_gguf, smollm2_path
 

@@ -56,6 +56,14 @@ class ModelConfig(Mapping):
     def __iter__(self): return iter(self.to_dict())
     def __len__(self): return len(self.to_dict())
 
+    def __eq__(self, other):
+        "Equal to another config, or to a dict, that builds the same model (defaults filled in)."
+        if not isinstance(other, Mapping): return NotImplemented
+        try: other = other if isinstance(other, ModelConfig) else ModelConfig.from_dict(other)
+        except (ValueError, TypeError): return False
+        return self.to_dict() == other.to_dict()
+    __hash__ = None
+
 # %% ../../nbs/07a_config.ipynb #e5723317
 def _is_int(value) -> bool: return isinstance(value, int) and not isinstance(value, bool)
 def _is_number(value) -> bool: return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -96,7 +104,7 @@ def _check_rope(self:ModelConfig):
         raise ValueError(f"config['rope_base'] must be a number > 0, got {self.rope_base!r}")
     if self.architecture == "llama" and self.window_size is not None:
         raise ValueError(f"config['window_size'] {self.window_size} is for architecture 'mistral'; "
-                         "llama has no sliding window")
+                         "llama has no sliding window (use Mistral)")
 
 @patch
 def _check_gpt(self:ModelConfig):

@@ -6,6 +6,8 @@
 from __future__ import annotations
 import copy
 from ..core.config import ARCHITECTURES, CONFIG_KEYS, ModelConfig
+from fastcore.basics import patch
+from ..core.base_model import BaseModel
 
 # %% auto #0
 __all__ = ['PRESETS', 'check_config', 'get_config', 'count_parameters']
@@ -59,6 +61,14 @@ def get_config(name:str, # a key of PRESETS
     "A checked copy of the preset `name` with `overrides` applied."
     if name not in PRESETS: raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
     return check_config({**copy.deepcopy(PRESETS[name]), **overrides})
+
+# %% ../../nbs/09d_configs.ipynb #94b7e8d3
+@patch(cls_method=True)
+def from_preset(cls:BaseModel, name:str, # a preset of `PRESETS`
+                **overrides, # config keys to change
+               ):
+    "Build the model from a named preset."
+    return cls(get_config(name, **overrides))
 
 # %% ../../nbs/09d_configs.ipynb #71a91403
 def count_parameters(config:dict, # a model config (dict or `ModelConfig`)
