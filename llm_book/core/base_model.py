@@ -11,6 +11,7 @@ from fastcore.basics import patch
 from .config import ModelConfig
 from .generation import check_generation_args, generate_tokens
 from .group_query_attention import AttentionInputs, attention_inputs
+from .head_attention import Linear
 from .kv_cache import KVCache
 from .token_embeddings import TokenEmbeddings
 
@@ -38,7 +39,7 @@ class BaseModel(nn.Module):
         self.make_positions()
         self.layers = nn.ModuleList([self.make_layer() for _ in range(c.num_layers)])
         self.final_norm = self.make_final_norm()
-        self.lm_head = nn.Linear(c.embed_dim, c.vocab_size, bias=False)
+        self.lm_head = Linear(c.embed_dim, c.vocab_size, bias=False)
         self.init_weights(residual_scale=self.residual_scale)
         if c.tie_word_embeddings: self.lm_head.weight = self.token_embeddings.weight   # one V x C matrix
         self._cache_owner = object()    # stamps the caches this model fills

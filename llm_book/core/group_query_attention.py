@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from torch import nn
 
-from .head_attention import check_attention_mask, check_hidden_states, scaled_dot_product_attention
+from .head_attention import Linear, check_attention_mask, check_hidden_states, scaled_dot_product_attention
 from .rope import apply_rope
 
 # %% auto #0
@@ -60,8 +60,8 @@ class GroupQueryAttention(nn.Module):
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads if head_dim is None else head_dim
         self.dropout, self.rope, self.window_size, self.use_sdpa = dropout, rope, window_size, use_sdpa
-        self.qkv_proj = nn.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=bias)  # [q|k|v]
-        self.out_proj = nn.Linear(num_heads * self.head_dim, embed_dim, bias=bias)
+        self.qkv_proj = Linear(embed_dim, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=bias)  # [q|k|v]
+        self.out_proj = Linear(num_heads * self.head_dim, embed_dim, bias=bias)
 
 # %% ../../nbs/07_group_query_attention.ipynb #1e38c114
 def check_positions(
