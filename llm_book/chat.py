@@ -9,15 +9,11 @@ import argparse
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
-from fastcore.basics import patch
 
-from .core.base_model import sample_next_token
-from .core.rope import rope_frequencies
 from .gguf import load_gguf, smollm2_path
 
 # %% auto #0
-__all__ = ['DTYPES', 'stop_token_ids', 'chat', 'FastDecoder', 'parse_args', 'main']
+__all__ = ['DTYPES', 'stop_token_ids', 'chat', 'parse_args', 'main']
 
 # %% ../nbs/42_chat.ipynb #27d01a45
 def stop_token_ids(tokenizer) -> set[int]:
@@ -44,7 +40,7 @@ def chat(model, # an llm_book model (e.g. from `load_gguf`)
     input_ids = torch.tensor([prompt_ids])
     generated, emitted = [], ""
     for token in model.stream(input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                              top_p=top_p, eos_token_id=getattr(tokenizer, "eos_token_id", None), seed=seed):
+                              top_p=top_p, eos_token_id=sorted(stops) or None, seed=seed):
         token = int(token[0])
         if token in stops: break
         generated.append(token)
@@ -52,112 +48,6 @@ def chat(model, # an llm_book model (e.g. from `load_gguf`)
         if text.endswith("\ufffd"): continue          # a character is still incomplete: wait for its next bytes
         yield text[len(emitted):]
         emitted = text
-
-# %% ../nbs/42_chat.ipynb #3024aaf5
-class FastDecoder:
-    "A lean greedy/sampling decode loop over an llm_book `Llama`'s weights: preallocated cache, no per-step checks."
-    def __init__(self, model, # an llm_book `Llama` (no sliding window), in eval mode
-                ):
-        c = model.config
-        if c.get("architecture") not in ("llama", "mistral") or c.get("window_size") is not None:
-            raise ValueError(f"model is a {c.get('architecture')} with window_size {c.get('window_size')}; "
-                             "FastDecoder supports LLaMA-style models without a sliding window")
-        self.model, self.config = model, c
-        self.num_heads, self.num_kv_heads = c["num_heads"], c.get("num_kv_heads") or c["num_heads"]
-        self.head_dim = c.get("head_dim") or c["embed_dim"] // c["num_heads"]
-        self.eps = c.get("norm_eps", 1e-5)
-        self.dtype = model.token_embeddings.weight.dtype
-        self.inv_freq = rope_frequencies(self.head_dim, c.get("rope_base", 10000.0))   # (hd/2,), as our RoPE
-        self.layers = [(l.attention_norm.weight, l.attention.qkv_proj, l.attention.out_proj, l.ffn_norm.weight,
-                        l.feed_forward.gate_up_proj, l.feed_forward.down_proj) for l in model.layers]
-
-    def __repr__(self): return f"FastDecoder({type(self.model).__name__}, {self.dtype})"
-
-    def reset(self, batch_size:int, # rows
-              max_length:int, # prompt + new tokens the cache must hold
-             ):
-        "Allocate an empty KV cache (layers, B, KVH, max_length, hd) for the next generation."
-        shape = (len(self.layers), batch_size, self.num_kv_heads, max_length, self.head_dim)
-        self.keys, self.values = torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype)
-
-# %% ../nbs/42_chat.ipynb #e6f25b43
-def _rms_norm(x, weight, eps):
-    "RMSNorm exactly as `llm_book.core.rms_norm` computes it (float32 inside)."
-    x_float = x.float()
-    return weight * (x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-def _linear(x, layer, upcast):
-    "`layer(x)`, computed in float32 when `upcast` (float16 matrix-matrix products are slow on CPUs)."
-    if not upcast: return F.linear(x, layer.weight, layer.bias)
-    bias = None if layer.bias is None else layer.bias.float()
-    return F.linear(x.float(), layer.weight.float(), bias).to(x.dtype)
-
-def _rope(x, cos, sin):
-    "Half-split rotary embedding of x (B, H, T, hd) with cos/sin (T, hd/2), in float32."
-    half = x.shape[-1] // 2
-    x_float = x.float()
-    x1, x2 = x_float[..., :half], x_float[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
-
-@patch
-def forward(self:FastDecoder, input_ids, # (B, T) new tokens
-            start:int, # their first position (= tokens already in the cache)
-           ) -> torch.Tensor: # (B, vocab_size) float32 logits of the last position
-    "Run the new tokens through the network, writing their keys and values into the cache."
-    B, T = input_ids.shape
-    H, KVH, hd = self.num_heads, self.num_kv_heads, self.head_dim
-    upcast = T > 1 and self.dtype == torch.float16 and input_ids.device.type == "cpu"
-    angles = torch.arange(start, start + T, dtype=torch.float32)[:, None] * self.inv_freq   # (T, hd/2)
-    cos, sin = angles.cos(), angles.sin()
-    x = F.embedding(input_ids, self.model.token_embeddings.weight)                          # (B, T, C)
-    for i, (attention_norm, qkv_proj, out_proj, ffn_norm, gate_up_proj, down_proj) in enumerate(self.layers):
-        q, k, v = _linear(_rms_norm(x, attention_norm, self.eps), qkv_proj, upcast).split([H * hd, KVH * hd, KVH * hd], -1)
-        q = _rope(q.view(B, T, H, hd).transpose(1, 2), cos, sin)                              # (B, H, T, hd)
-        self.keys[i, :, :, start:start + T] = _rope(k.view(B, T, KVH, hd).transpose(1, 2), cos, sin)
-        self.values[i, :, :, start:start + T] = v.view(B, T, KVH, hd).transpose(1, 2)
-        keys, values = self.keys[i, :, :, :start + T], self.values[i, :, :, :start + T]         # (B, KVH, S, hd)
-        if T > 1 and start > 0:   # a chunk after a cached prefix: query t sees keys up to start + t
-            mask = torch.ones(T, start + T, dtype=torch.bool).tril(start)
-            attention = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-        else:                     # the prompt (plain causal) or one new token (sees every key)
-            attention = F.scaled_dot_product_attention(q, keys, values, is_causal=T > 1, enable_gqa=True)
-        x = x + _linear(attention.transpose(1, 2).reshape(B, T, H * hd), out_proj, upcast)
-        gate, up = _linear(_rms_norm(x, ffn_norm, self.eps), gate_up_proj, upcast).chunk(2, dim=-1)
-        x = x + _linear(F.silu(gate) * up, down_proj, upcast)
-    last = _rms_norm(x[:, -1], self.model.final_norm.weight, self.eps)                      # (B, C)
-    return _linear(last, self.model.lm_head, upcast).float()                                # (B, vocab_size)
-
-# %% ../nbs/42_chat.ipynb #20a862b3
-@patch
-@torch.inference_mode()
-def stream(self:FastDecoder, input_ids, # (B, T) int64 prompt, no padding
-           max_new_tokens:int, # tokens to generate
-           temperature:float=0.0, # 0: greedy
-           top_k:int|None=None, # sample among the k most likely tokens
-           top_p:float|None=None, # sample among the most likely tokens up to probability p
-           eos_token_id:int|None=None, # stop when every row has produced it
-           seed:int|None=None, # seed for sampling
-          ):
-    "Generate token by token: yields the next token of every row, (B,) int64."
-    self.model.check_input_ids(input_ids)
-    if max_new_tokens < 1: raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    B, T = input_ids.shape
-    total = T + max_new_tokens
-    if total > self.config["max_position_embeddings"]:
-        raise ValueError(f"prompt length {T} + max_new_tokens {max_new_tokens} exceeds max_position_embeddings "
-                         f"{self.config['max_position_embeddings']}")
-    self.reset(B, total)
-    generator = None if seed is None else torch.Generator().manual_seed(seed)
-    finished = torch.zeros(B, dtype=torch.bool)
-    logits = self.forward(input_ids, 0)
-    for step in range(max_new_tokens):
-        token = sample_next_token(logits, temperature, top_k, top_p, generator)            # (B,)
-        if eos_token_id is not None:
-            token = token.masked_fill(finished, eos_token_id)
-            finished |= token == eos_token_id
-        yield token
-        if finished.all() or step == max_new_tokens - 1: break
-        logits = self.forward(token[:, None], T + step)
 
 # %% ../nbs/42_chat.ipynb #df883536
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -184,14 +74,13 @@ def main(argv: list[str]|None=None, # arguments after `llm_book chat` (default: 
     "Run `llm_book chat`: one-shot with `--prompt`, else an interactive loop (empty line or Ctrl-D quits)."
     args = parse_args(argv)
     model, tokenizer = load_gguf(args.model, dtype=DTYPES[args.dtype])
-    decoder = FastDecoder(model)   # the lean loop: same tokens, faster
     messages = [] if args.system is None else [{"role": "system", "content": args.system}]
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
 
     def reply(text):
         messages.append({"role": "user", "content": text})
         pieces = []
-        for piece in chat(decoder, tokenizer, messages, **options):
+        for piece in chat(model, tokenizer, messages, **options):
             print(piece, end="", flush=True)
             pieces.append(piece)
         print()

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm_book.chat import FastDecoder, chat, main, parse_args, stop_token_ids
+import llm_book.chat
+from llm_book.chat import chat, main, parse_args, stop_token_ids
 from llm_book.gguf import load_gguf
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -70,35 +71,25 @@ def test_bad_arguments():
             parse_args(argv)
 
 
-def test_fast_decoder_matches_the_model(smollm2):
-    "The lean loop gives the model's greedy tokens and logits (prompt, chunked continuation, one token)."
+def test_chat_runs_on_the_one_model_path(smollm2):
+    "No second decoder: `chat` streams through `model.stream`, stopping at any end-of-turn id."
     model, tokenizer = smollm2
-    fast = FastDecoder(model)
-    input_ids = torch.tensor([tokenizer.apply_chat_template(QUESTION)])
-    ours = torch.stack(list(fast.stream(input_ids, max_new_tokens=32)), dim=1)
-    assert torch.equal(ours, model.generate(input_ids, max_new_tokens=32)[:, input_ids.shape[1]:])
-    with torch.inference_mode():
-        fast.reset(1, 20)
-        fast.forward(input_ids[:, :12], 0)
-        chunk = fast.forward(input_ids[:, 12:19], 12)
-        step = fast.forward(input_ids[:, 19:20], 19)
-        expected = model(input_ids[:, :20])
-    torch.testing.assert_close(chunk, expected[:, 18], rtol=0, atol=1e-4)
-    torch.testing.assert_close(step, expected[:, 19], rtol=0, atol=1e-4)
-    stopped = list(fast.stream(input_ids, max_new_tokens=64, eos_token_id=tokenizer.eos_token_id))
-    assert int(stopped[-1][0]) == tokenizer.eos_token_id and len(stopped) < 64
-    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"): next(fast.stream(input_ids, max_new_tokens=0))
-    with pytest.raises(ValueError, match="exceeds max_position_embeddings"): next(fast.stream(input_ids, max_new_tokens=9000))
-    from llm_book.models.mistral import Mistral
-    with pytest.raises(ValueError, match="without a sliding window"): FastDecoder(Mistral.from_preset("mistral-tiny"))
+    assert not hasattr(llm_book.chat, "FastDecoder")
+    input_ids = torch.tensor([tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True)])
+    stops = sorted(stop_token_ids(tokenizer))
+    streamed = torch.stack(list(model.stream(input_ids, max_new_tokens=40, eos_token_id=stops)), dim=1)
+    assert int(streamed[0, -1]) in stops and streamed.shape[1] < 40        # stopped at <|im_end|>
+    reply = "".join(chat(model, tokenizer, QUESTION, max_new_tokens=40))
+    assert reply == tokenizer.decode(streamed[0, :-1].tolist())
+    with pytest.raises(ValueError, match="max_new_tokens must be an int"): next(chat(model, tokenizer, QUESTION, max_new_tokens=2.5))
 
 
-def test_fast_decoder_fp16_greedy_matches_fp32(smollm2):
-    "Half-precision weights (the fast chat path) give the fp32 model's first 64 greedy tokens on a benchmark prompt."
+def test_fp16_greedy_matches_fp32(smollm2):
+    "Half-precision weights give the fp32 model's first 64 greedy tokens on a benchmark prompt, on the one path."
     model, tokenizer = smollm2
     model16, _ = load_gguf(dtype=torch.float16)
     prompt = [{"role": "user", "content": "Explain how a rainbow forms, step by step."}]
     input_ids = torch.tensor([tokenizer.apply_chat_template(prompt)])
     fp32 = model.generate(input_ids, max_new_tokens=64)[:, input_ids.shape[1]:]
-    fp16 = torch.stack(list(FastDecoder(model16).stream(input_ids, max_new_tokens=64)), dim=1)
+    fp16 = model16.generate(input_ids, max_new_tokens=64)[:, input_ids.shape[1]:]
     assert torch.equal(fp16, fp32)

@@ -52,9 +52,8 @@ def test_smollm2_greedy_64_tokens_match_transformers(smollm2):
 
 def test_smollm2_config_and_tokenizer(smollm2):
     model, tokenizer, _ = smollm2
-    config = dict(model.config)
-    assert config.pop("norm_eps") == pytest.approx(1e-5)
-    assert config == {k: v for k, v in get_config("smollm2-135m").items() if k != "norm_eps"}
+    assert model.config.norm_eps == pytest.approx(1e-5)
+    assert model.config == {**get_config("smollm2-135m"), "norm_eps": model.config.norm_eps}
     assert model.lm_head.weight is model.token_embeddings.weight
     assert tokenizer.vocab_size == 49152 and tokenizer.eos_token_id == 2
 

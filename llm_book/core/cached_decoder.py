@@ -40,10 +40,13 @@ class CachedDecoder(nn.Module):
     def forward(self, x, # (B, T, C) the residual stream
                 attention_mask=None, # (B, T) bool, True = real token (the new tokens only)
                 positions=None, # (B, T) int64 absolute positions of the new tokens
-                kv_cache=None, # this layer's KV cache (`core.kv_cache`)
+                kv_cache=None, # a KV cache (`core.kv_cache`)
+                inputs=None, # a model's once-per-forward `AttentionInputs` (then the three above are unused)
+                layer_idx:int=0, # this block's index in the model (its slot in the cache)
                ):
         "(B, T, C) → (B, T, C): x + attention(norm(x)), then h + FFN(norm(h))."
-        if x.ndim != 3 or x.shape[-1] != self.embed_dim:
+        if inputs is None and (x.ndim != 3 or x.shape[-1] != self.embed_dim):   # used on its own: check x
             raise ValueError(f"x must have shape (B, T, embed_dim={self.embed_dim}), got {tuple(x.shape)}")
-        x = x + self.attention_dropout(self.attention(self.attention_norm(x), attention_mask, positions, kv_cache))
+        attended = self.attention(self.attention_norm(x), attention_mask, positions, kv_cache, inputs, layer_idx)
+        x = x + self.attention_dropout(attended)                                        # (B, T, C)
         return x + self.feed_forward(self.ffn_norm(x))                                  # (B, T, C)

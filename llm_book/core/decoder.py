@@ -59,9 +59,11 @@ class Decoder(nn.Module):
     def forward(self, x, # (B, T, C) the residual stream
                 attention_mask=None, # (B, T) bool, True = real token (the new tokens only)
                 positions=None, # (B, T) int64 absolute positions of the new tokens
-                kv_cache=None, # this layer's KV cache
+                kv_cache=None, # a KV cache (`core.kv_cache`)
+                inputs=None, # a model's once-per-forward `AttentionInputs` (then the three above are unused)
+                layer_idx:int=0, # this block's index in the model (its slot in the cache)
                ):
         "(B, T, C) → (B, T, C)."
-        attended = self.attention(x, attention_mask, positions, kv_cache)              # (B, T, C)
+        attended = self.attention(x, attention_mask, positions, kv_cache, inputs, layer_idx)   # (B, T, C)
         h = self.attention_norm(x + self.attention_dropout(attended))                  # (B, T, C)
         return self.ffn_norm(h + self.feed_forward(h))                                 # (B, T, C)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .gelu import GELU
+from .head_attention import Linear
 
 # %% ../../nbs/06d_feed_forward.ipynb #54962f20
 class FeedForward(nn.Module):
@@ -30,9 +31,9 @@ class FeedForward(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.embed_dim, self.hidden_dim = embed_dim, hidden_dim
-        self.up_proj = nn.Linear(embed_dim, hidden_dim, bias=bias)
+        self.up_proj = Linear(embed_dim, hidden_dim, bias=bias)
         self.activation = GELU("tanh") if activation is None else activation
-        self.down_proj = nn.Linear(hidden_dim, embed_dim, bias=bias)
+        self.down_proj = Linear(hidden_dim, embed_dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self,

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['scaled_dot_product_attention', 'causal_mask', 'check_hidden_states', 'check_attention_mask', 'padding_mask',
-           'HeadAttention']
+           'HeadAttention', 'Linear']
 
 # %% ../../nbs/01_head_attention.ipynb #746f90e5
 import math
@@ -101,3 +101,13 @@ class HeadAttention(nn.Module):
             mask = keys if mask is None else mask & keys                      # (B, T, T)
         out, _ = scaled_dot_product_attention(q, k, v, mask, self.dropout_p if self.training else 0.0)
         return out                                                            # (B, T, hd)
+
+# %% ../../nbs/01_head_attention.ipynb #85623985
+class Linear(nn.Linear):
+    "`nn.Linear`, except that a float16 product of several rows on a CPU runs in float32 (CPUs lack a fast fp16 GEMM)."
+    def forward(self, x:torch.Tensor, # (..., in_features)
+               ) -> torch.Tensor: # (..., out_features), dtype of x
+        if x.dtype == torch.float16 and x.device.type == "cpu" and x.numel() > x.shape[-1]:
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)   # upcast: ~4x faster here
+        return F.linear(x, self.weight, self.bias)

@@ -7,37 +7,33 @@ from __future__ import annotations
 import math
 import torch
 from fastcore.basics import patch
+from .config import ModelConfig
 
 # %% auto #0
 __all__ = ['kv_cache_bytes', 'KVCache', 'RollingKVCache']
 
 # %% ../../nbs/08_kv_cache.ipynb #9cfcf6df
-def kv_cache_bytes(config:dict, # a model config (`llm_book.models.configs`)
+def kv_cache_bytes(config:dict, # a model config (dict or `ModelConfig`)
                    num_tokens:int, # tokens held per sequence
                    dtype:torch.dtype=torch.float16, # dtype of the cached keys and values
                    batch_size:int=1, # sequences in the batch
                   ) -> int:
     "Bytes of keys and values a KV cache holds for `num_tokens` tokens of a model with `config`."
     if num_tokens < 0: raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
-    num_heads = config["num_heads"]
-    num_kv_heads = config.get("num_kv_heads") or num_heads
-    head_dim = config.get("head_dim") or config["embed_dim"] // num_heads
-    window_size = config.get("window_size")
-    tokens_held = num_tokens if window_size is None else min(num_tokens, window_size)
+    c = ModelConfig.from_dict(config)
+    tokens_held = num_tokens if c.window_size is None else min(num_tokens, c.window_size)
     bytes_per_number = torch.empty((), dtype=dtype).element_size()
-    return 2 * config["num_layers"] * batch_size * num_kv_heads * head_dim * tokens_held * bytes_per_number
+    return 2 * c.num_layers * batch_size * c.num_kv_heads * c.head_dim * tokens_held * bytes_per_number
 
 # %% ../../nbs/08_kv_cache.ipynb #466a8892
-def _check_update_args(k, v, key_positions, key_mask,
-                       held_keys=None, # the keys a cache already holds (None: empty cache)
+def _check_update_args(k, v, num_new:int, batch_size:int,
+                       held_keys=None, # the keys this layer already holds (None: none yet)
                       ):
-    "Raise ValueError unless k, v are (B, KVH, T, hd), key_positions, key_mask are (B, T), and k fits `held_keys`."
+    "Raise ValueError unless k, v are (B, KVH, T, hd) for the step's T new tokens and fit `held_keys`."
     if k.ndim != 4 or v.shape != k.shape:
         raise ValueError(f"k and v must both be (B, KVH, T, hd), got {tuple(k.shape)} and {tuple(v.shape)}")
-    batch_size, _, num_new, _ = k.shape
-    if key_positions.shape[-1] != num_new or key_mask.shape[-1] != num_new:
-        raise ValueError(f"key_positions and key_mask must cover the {num_new} new tokens, "
-                         f"got {tuple(key_positions.shape)} and {tuple(key_mask.shape)}")
+    if k.shape[0] != batch_size or k.shape[2] != num_new:
+        raise ValueError(f"k and v must cover the step's (B, T) = ({batch_size}, {num_new}) new tokens, got {tuple(k.shape)}")
     if held_keys is not None and (k.shape[:2] + k.shape[3:] != held_keys.shape[:2] + held_keys.shape[3:]
                                   or k.dtype != held_keys.dtype):
         raise ValueError(f"cache holds keys (B, KVH, ·, hd) = {tuple(held_keys.shape)} {held_keys.dtype}, "
@@ -45,107 +41,181 @@ def _check_update_args(k, v, key_positions, key_mask,
 
 # %% ../../nbs/08_kv_cache.ipynb #23091e70
 class KVCache:
-    "Keys and values of one attention layer, preallocated and written in place."
+    "Keys and values of every attention layer of a model, preallocated and written in place; batch state on the object."
     initial_capacity = 64  # slots allocated at first when no `max_length` is given
 
-    def __init__(self, max_length:int|None=None, # tokens to hold; None grows the buffer by doubling
+    def __init__(self, max_length:int|None=None, # tokens to hold; None grows the buffers by doubling
+                 num_layers:int=1, # attention layers sharing the cache (one storage slot each)
                 ):
-        if max_length is not None and max_length < 1: raise ValueError(f"max_length must be >= 1, got {max_length}")
-        self.max_length, self.num_seen, self.num_real = max_length, 0, None
-        self.keys = self.values = self.positions = self.mask = None  # (B, KVH, capacity, hd) / (B, capacity)
+        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+            raise ValueError(f"max_length must be an int >= 1 (or None), got {max_length!r}")
+        if not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
+        self.max_length, self.num_layers = max_length, num_layers
+        self.num_seen, self.num_real, self.has_padding = 0, None, False   # batch state, shared by all layers
+        self.positions = self.mask = None                # (B, capacity) int64 / bool, shared by all layers
+        self.keys, self.values = [None] * num_layers, [None] * num_layers   # per layer: (B, KVH, capacity, hd)
+        self.owner = None                                # the model that filled it (models set this)
+        self._step = None                                # the step in progress: (start, end, num_real, had_padding)
 
     @property
     def capacity(self) -> int:
         "Slots allocated so far."
-        return 0 if self.keys is None else self.keys.shape[2]
+        return 0 if self.positions is None else self.positions.shape[1]
 
-    def __repr__(self): return f"{type(self).__name__}(num_seen={self.num_seen}, capacity={self.capacity})"
+    def __repr__(self): return f"{type(self).__name__}(num_layers={self.num_layers}, num_seen={self.num_seen}, capacity={self.capacity})"
+    def __len__(self): return self.num_layers
 
-    def __iter__(self):
-        "Unpack as `K, V`: the filled keys and values, each (B, KVH, num_seen, hd)."
-        yield self.keys[:, :, :self.num_seen]
-        yield self.values[:, :, :self.num_seen]
+    def __getitem__(self, layer_idx:int):
+        "`K, V = cache[layer_idx]`: that layer's filled keys and values, each (B, KVH, held, hd)."
+        held = min(self.num_seen, self.capacity)
+        return self.keys[layer_idx][:, :, :held], self.values[layer_idx][:, :, :held]
 
 # %% ../../nbs/08_kv_cache.ipynb #3f31a5d5
 @patch
-def _allocate(self:KVCache, k, capacity):
-    "Allocate buffers with `capacity` slots shaped like `k`, keeping what is already stored."
+def _grow(self:KVCache, capacity:int, batch_size:int, device):
+    "Reallocate the shared positions and mask with `capacity` slots, keeping what is stored."
+    positions = torch.zeros(batch_size, capacity, dtype=torch.long, device=device)
+    mask = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)
+    if self.positions is not None:
+        positions[:, :self.num_seen], mask[:, :self.num_seen] = self.positions[:, :self.num_seen], self.mask[:, :self.num_seen]
+    self.positions, self.mask = positions, mask
+
+@patch
+def _allocate(self:KVCache, layer_idx:int, k):
+    "(Re)allocate one layer's buffers shaped like `k` with `capacity` slots, keeping what is stored."
     batch_size, num_kv_heads, _, head_dim = k.shape
-    keys = k.new_zeros(batch_size, num_kv_heads, capacity, head_dim)
+    keys = k.new_zeros(batch_size, num_kv_heads, self.capacity, head_dim)
     values = torch.zeros_like(keys)
-    positions = torch.zeros(batch_size, capacity, dtype=torch.long, device=k.device)
-    mask = torch.zeros(batch_size, capacity, dtype=torch.bool, device=k.device)
-    if self.keys is not None:  # growing: copy the filled part over
-        n = self.num_seen
-        keys[:, :, :n], values[:, :, :n] = self.keys[:, :, :n], self.values[:, :, :n]
-        positions[:, :n], mask[:, :n] = self.positions[:, :n], self.mask[:, :n]
-    self.keys, self.values, self.positions, self.mask = keys, values, positions, mask
+    if self.keys[layer_idx] is not None:  # growing: copy the filled part over
+        n = min(self.num_seen, self.keys[layer_idx].shape[2])
+        keys[:, :, :n], values[:, :, :n] = self.keys[layer_idx][:, :, :n], self.values[layer_idx][:, :, :n]
+    self.keys[layer_idx], self.values[layer_idx] = keys, values
+
+@patch
+def _begin_step(self:KVCache, key_positions, key_mask, num_real):
+    "Check the new tokens fit the cache (batch size); remember the step so that `rollback` can undo it."
+    batch_size, num_new = key_positions.shape
+    if self.positions is not None and self.positions.shape[0] != batch_size:
+        raise ValueError(f"cache holds a batch of {self.positions.shape[0]} rows, got {batch_size}")
+    if getattr(self, "_broken", False):
+        raise ValueError("cache was left incomplete by a failed call; start a new one (model.new_cache())")
+    self._step = (self.num_seen, self.num_seen + num_new, num_real, self.has_padding)
+    self.has_padding = self.has_padding or key_mask is not None
+    return batch_size, num_new
 
 # %% ../../nbs/08_kv_cache.ipynb #b8f75f7b
 @patch
-def update(self:KVCache, k, # new keys (B, KVH, T, hd)
-           v, # new values (B, KVH, T, hd)
-           key_positions, # absolute positions of the new tokens (B, T) int64
-           key_mask, # (B, T) bool, False = padding
-          ):
-    "Store the new keys and values; return all keys, values, positions and mask so far, (B, KVH, S, hd) / (B, S)."
-    _check_update_args(k, v, key_positions, key_mask, self.keys)
-    start, end = self.num_seen, self.num_seen + k.shape[2]
+def add_tokens(self:KVCache, key_positions, # absolute positions of the new tokens (B, T) int64
+               key_mask=None, # (B, T) bool, False = padding (None: all real)
+               num_real=None, # (B,) real tokens per row after this step, applied on `commit` (left padding)
+              ):
+    "Start a step: store the new tokens' positions and mask; return those of all keys so far, (B, S) and (B, S) or None."
+    batch_size, num_new = self._begin_step(key_positions, key_mask, num_real)
+    start, end = self._step[:2]
     if self.max_length is not None and end > self.max_length:
+        self._step = None
         raise ValueError(f"KVCache(max_length={self.max_length}) cannot hold {end} tokens")
     if end > self.capacity:
         capacity = self.max_length or max(self.initial_capacity, 2 * self.capacity, 2 ** math.ceil(math.log2(end)))
-        self._allocate(k, capacity)
-    self.keys[:, :, start:end] = k
-    self.values[:, :, start:end] = v
+        self._grow(capacity, batch_size, key_positions.device)
     self.positions[:, start:end] = key_positions
-    self.mask[:, start:end] = key_mask
-    self.num_seen = end
-    return self.keys[:, :, :end], self.values[:, :, :end], self.positions[:, :end], self.mask[:, :end]
+    self.mask[:, start:end] = True if key_mask is None else key_mask
+    return self.positions[:, :end], (self.mask[:, :end] if self.has_padding else None)
+
+@patch
+def update(self:KVCache, layer_idx:int, # which layer's keys these are
+           k, # new keys (B, KVH, T, hd)
+           v, # new values (B, KVH, T, hd)
+          ):
+    "Store one layer's new keys and values; return all of that layer's keys and values so far, (B, KVH, S, hd) each."
+    if self._step is None: raise ValueError("cache.update before cache.add_tokens: start each step with add_tokens")
+    start, end = self._step[:2]
+    _check_update_args(k, v, end - start, self.positions.shape[0], self.keys[layer_idx])
+    if self.keys[layer_idx] is None or self.keys[layer_idx].shape[2] < self.capacity: self._allocate(layer_idx, k)
+    self.keys[layer_idx][:, :, start:end] = k
+    self.values[layer_idx][:, :, start:end] = v
+    return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+@patch
+def commit(self:KVCache):
+    "End the step: the new tokens count as seen."
+    if self._step is None: return
+    _, self.num_seen, num_real, _ = self._step
+    if num_real is not None: self.num_real = num_real
+    self._step = None
+
+@patch
+def rollback(self:KVCache):
+    "Abandon the step in progress: the cache holds what it held before it (slots past `num_seen` are ignored)."
+    if self._step is not None: self.has_padding = self._step[3]
+    self._step = None
 
 # %% ../../nbs/08_kv_cache.ipynb #65b78079
 class RollingKVCache(KVCache):
-    "KV cache for sliding-window attention: a ring of `window_size` slots, token n in slot n mod window_size."
+    "KV cache for sliding-window attention: a ring of `window_size` slots per layer, token n in slot n mod window_size."
     def __init__(self, window_size:int, # tokens a query may look back (including itself)
+                 num_layers:int=1, # attention layers sharing the cache
                 ):
-        if window_size < 1: raise ValueError(f"window_size must be >= 1, got {window_size}")
-        super().__init__(max_length=None)
+        if not isinstance(window_size, int) or window_size < 1: raise ValueError(f"window_size must be >= 1, got {window_size}")
+        super().__init__(max_length=None, num_layers=num_layers)
         self.window_size = window_size
 
-    def __iter__(self):
-        "Unpack as `K, V`: the keys and values held, in slot order (at most window_size)."
-        num_filled = min(self.num_seen, self.window_size)
-        yield self.keys[:, :, :num_filled]
-        yield self.values[:, :, :num_filled]
+    def __repr__(self): return f"RollingKVCache(window_size={self.window_size}, num_layers={self.num_layers}, num_seen={self.num_seen})"
 
 # %% ../../nbs/08_kv_cache.ipynb #c7bdf850
 @patch
-def update(self:RollingKVCache, k, # new keys (B, KVH, T, hd)
-           v, # new values (B, KVH, T, hd)
-           key_positions, # absolute positions of the new tokens (B, T) int64
-           key_mask, # (B, T) bool, False = padding
-          ):
-    "Store the new keys in the ring; return the keys the new queries may need (held + new), (B, KVH, S, hd) / (B, S)."
-    _check_update_args(k, v, key_positions, key_mask, self.keys)
-    if self.keys is None: self._allocate(k, self.window_size)
-    num_new, num_filled = k.shape[2], min(self.num_seen, self.window_size)
+def add_tokens(self:RollingKVCache, key_positions, # absolute positions of the new tokens (B, T) int64
+               key_mask=None, # (B, T) bool, False = padding (None: all real)
+               num_real=None, # (B,) real tokens per row after this step, applied on `commit`
+              ):
+    "Start a step: positions and mask of the keys the new queries may need (held + new), (B, S) and (B, S) or None."
+    batch_size, num_new = self._begin_step(key_positions, key_mask, num_real)
+    if self.positions is None: self._grow(self.window_size, batch_size, key_positions.device)
+    key_mask = torch.ones_like(key_positions, dtype=torch.bool) if key_mask is None else key_mask
+    mask_or_none = lambda mask: mask if self.has_padding else None
     if num_new == 1:  # decode step: one slot, in place; the evicted key is out of every future window
         slot = self.num_seen % self.window_size
-        self.keys[:, :, slot:slot + 1], self.values[:, :, slot:slot + 1] = k, v
         self.positions[:, slot:slot + 1], self.mask[:, slot:slot + 1] = key_positions, key_mask
-        self.num_seen += 1
-        num_filled = min(self.num_seen, self.window_size)
-        return (self.keys[:, :, :num_filled], self.values[:, :, :num_filled],
-                self.positions[:, :num_filled], self.mask[:, :num_filled])
-    # a chunk: its early queries need the held keys and all of its own, so return both...
-    key_positions = key_positions.expand(k.shape[0], num_new)
-    result = (torch.cat([self.keys[:, :, :num_filled], k], dim=2), torch.cat([self.values[:, :, :num_filled], v], dim=2),
-              torch.cat([self.positions[:, :num_filled], key_positions], dim=1),
-              torch.cat([self.mask[:, :num_filled], key_mask.expand(k.shape[0], num_new)], dim=1))
-    # ...then keep the last window_size of them, token n in slot n mod window_size
+        held = min(self.num_seen + 1, self.window_size)
+        return self.positions[:, :held], mask_or_none(self.mask[:, :held])
+    held = min(self.num_seen, self.window_size)
+    result = (torch.cat([self.positions[:, :held], key_positions], dim=1), torch.cat([self.mask[:, :held], key_mask], dim=1))
+    slots = self._ring_slots(num_new, key_positions.device)
+    self.positions[:, slots], self.mask[:, slots] = key_positions[:, -len(slots):], key_mask[:, -len(slots):]
+    return result[0], mask_or_none(result[1])
+
+@patch
+def _ring_slots(self:RollingKVCache, num_new:int, device):
+    "The slots of the last min(num_new, window_size) new tokens: token n in slot n mod window_size."
     num_kept = min(num_new, self.window_size)
-    slots = torch.arange(self.num_seen + num_new - num_kept, self.num_seen + num_new, device=k.device) % self.window_size
-    self.keys[:, :, slots], self.values[:, :, slots] = k[:, :, -num_kept:], v[:, :, -num_kept:]
-    self.positions[:, slots], self.mask[:, slots] = key_positions[:, -num_kept:], key_mask[:, -num_kept:]
-    self.num_seen += num_new
+    end = self.num_seen + num_new
+    return torch.arange(end - num_kept, end, device=device) % self.window_size
+
+@patch
+def update(self:RollingKVCache, layer_idx:int, # which layer's keys these are
+           k, # new keys (B, KVH, T, hd)
+           v, # new values (B, KVH, T, hd)
+          ):
+    "Store one layer's new keys in its ring; return the keys and values the new queries may need (held + new)."
+    if self._step is None: raise ValueError("cache.update before cache.add_tokens: start each step with add_tokens")
+    start, end = self._step[:2]
+    _check_update_args(k, v, end - start, self.positions.shape[0], self.keys[layer_idx])
+    if self.keys[layer_idx] is None: self._allocate(layer_idx, k)
+    keys, values = self.keys[layer_idx], self.values[layer_idx]
+    if end - start == 1:
+        slot = start % self.window_size
+        keys[:, :, slot:slot + 1], values[:, :, slot:slot + 1] = k, v
+        held = min(end, self.window_size)
+        return keys[:, :, :held], values[:, :, :held]
+    held = min(start, self.window_size)
+    result = torch.cat([keys[:, :, :held], k], dim=2), torch.cat([values[:, :, :held], v], dim=2)
+    slots = self._ring_slots(end - start, k.device)
+    keys[:, :, slots], values[:, :, slots] = k[:, :, -len(slots):], v[:, :, -len(slots):]
     return result
+
+@patch
+def rollback(self:RollingKVCache):
+    "Abandon the step in progress. Its ring slots may already be overwritten: the cache refuses further use."
+    if self._step is not None: self._broken = True
+    self._step = None

@@ -31,8 +31,10 @@ class PositionalEmbeddings(nn.Module):
 
     def forward(self,
                 positions:torch.Tensor, # (T,) or (B, T) int64 positions in [0, max_position_embeddings)
+                check:bool=True, # check the positions (a model checks them once at its entrance and passes False)
                ) -> torch.Tensor: # (T, C) or (B, T, C)
         "Look up the vector of every position."
+        if not check: return self.embedding(positions)  # (T, C) or (B, T, C)
         if not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"positions must be an integer (int64 or int32) tensor, got {getattr(positions, 'dtype', type(positions))}")
         if positions.ndim not in (1, 2):

@@ -8,6 +8,7 @@ __all__ = ['RMSNorm']
 # %% ../../nbs/05_rms_norm.ipynb #9dec6cb7
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 # %% ../../nbs/05_rms_norm.ipynb #bb3f3569
 class RMSNorm(nn.Module):
@@ -28,9 +29,7 @@ class RMSNorm(nn.Module):
         "Divide `x` by its root mean square over the last dimension and multiply by `weight`."
         if x.shape[-1] != self.dim:
             raise ValueError(f"x has last dim {x.shape[-1]}, expected dim {self.dim}")
-        x_float = x.float()
-        mean_square = x_float.pow(2).mean(dim=-1, keepdim=True)  # (..., 1)
-        normalized = x_float * torch.rsqrt(mean_square + self.eps)  # (..., dim), RMS 1
+        normalized = F.rms_norm(x.float(), (self.dim,), eps=self.eps)  # (..., dim), RMS 1: x / sqrt(mean(x²) + eps), fused
         return self.weight * normalized.to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -8,6 +8,7 @@ __all__ = ['SiLU']
 # %% ../../nbs/06b_silu.ipynb #8b2d18cc
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 # %% ../../nbs/06b_silu.ipynb #bb80961f
 class SiLU(nn.Module):
@@ -15,5 +16,5 @@ class SiLU(nn.Module):
     def forward(self,
                 x:torch.Tensor, # any shape
                ) -> torch.Tensor: # the same shape and dtype
-        "Multiply `x` by its sigmoid."
-        return x * torch.sigmoid(x)
+        "Multiply `x` by its sigmoid, $x\\,\\sigma(x)$, with PyTorch's fused kernel."
+        return F.silu(x)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .silu import SiLU
+from .head_attention import Linear
 
 # %% ../../nbs/06c_swi_glu.ipynb #01806b56
 class SwiGLU(nn.Module):
@@ -25,9 +26,9 @@ class SwiGLU(nn.Module):
         if hidden_dim <= 0:
             raise ValueError(f"hidden_dim must be > 0, got {hidden_dim}")
         self.embed_dim, self.hidden_dim = embed_dim, hidden_dim
-        self.gate_up_proj = nn.Linear(embed_dim, 2 * hidden_dim, bias=bias)  # rows [gate | up]
+        self.gate_up_proj = Linear(embed_dim, 2 * hidden_dim, bias=bias)  # rows [gate | up]
         self.activation = SiLU()
-        self.down_proj = nn.Linear(hidden_dim, embed_dim, bias=bias)
+        self.down_proj = Linear(hidden_dim, embed_dim, bias=bias)
 
     def forward(self,
                 x:torch.Tensor, # (B, T, C) or any (..., C)

@@ -31,8 +31,10 @@ class TokenEmbeddings(nn.Module):
 
     def forward(self,
                 input_ids:torch.Tensor, # (B, T) int64 token ids in [0, vocab_size)
+                check:bool=True, # check the ids (a model checks them once at its entrance and passes False)
                ) -> torch.Tensor: # (B, T, C)
         "Look up the vector of every token id."
+        if not check: return self.embedding(input_ids)  # (B, T, C)
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be an integer (int64 or int32) tensor, got {getattr(input_ids, 'dtype', type(input_ids))}")
         if input_ids.ndim != 2:

@@ -5,9 +5,12 @@
 # %% ../../nbs/09d_configs.ipynb #9350ae2e
 from __future__ import annotations
 import copy
+from ..core.config import ARCHITECTURES, CONFIG_KEYS, ModelConfig
+from fastcore.basics import patch
+from ..core.base_model import BaseModel
 
 # %% auto #0
-__all__ = ['PRESETS', 'CONFIG_KEYS', 'ARCHITECTURES', 'check_config', 'get_config', 'count_parameters']
+__all__ = ['PRESETS', 'check_config', 'get_config', 'count_parameters']
 
 # %% ../../nbs/09d_configs.ipynb #39f565f4
 _GPT2 = dict(architecture="gpt2", vocab_size=50257, max_position_embeddings=1024, dropout=0.0,
@@ -46,32 +49,10 @@ PRESETS = {
 }
 
 # %% ../../nbs/09d_configs.ipynb #98a9484d
-CONFIG_KEYS = {"architecture", "vocab_size", "embed_dim", "num_heads", "num_layers", "max_position_embeddings",
-               "dropout", "hidden_dim", "norm_eps", "tie_word_embeddings", "bias", "num_kv_heads", "rope_base",
-               "window_size", "head_dim"}
-ARCHITECTURES = ("gpt", "gpt2", "llama", "mistral")
-
 def check_config(config:dict, # a model config
                 ) -> dict:
-    "Raise ValueError if `config` is inconsistent; return it."
-    unknown = set(config) - CONFIG_KEYS
-    if unknown: raise ValueError(f"config has unknown keys {sorted(unknown)}; expected some of {sorted(CONFIG_KEYS)}")
-    missing = {"vocab_size", "embed_dim", "num_heads", "num_layers", "max_position_embeddings"} - set(config)
-    if missing: raise ValueError(f"config is missing {sorted(missing)}")
-    for key in ("vocab_size", "embed_dim", "num_heads", "num_layers", "max_position_embeddings",
-                "hidden_dim", "num_kv_heads", "window_size", "head_dim"):
-        value = config.get(key)
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"config[{key!r}] must be a positive int, got {value!r}")
-    if config.get("architecture", "gpt2") not in ARCHITECTURES:
-        raise ValueError(f"config['architecture'] must be one of {ARCHITECTURES}, got {config['architecture']!r}")
-    num_heads, num_kv_heads = config["num_heads"], config.get("num_kv_heads") or config["num_heads"]
-    if config.get("head_dim") is None and config["embed_dim"] % num_heads:
-        raise ValueError(f"embed_dim {config['embed_dim']} is not divisible by num_heads {num_heads}")
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads {num_heads} is not divisible by num_kv_heads {num_kv_heads}")
-    if not 0.0 <= config.get("dropout", 0.0) < 1.0:
-        raise ValueError(f"config['dropout'] must be in [0, 1), got {config['dropout']}")
+    "Raise ValueError if `config` is inconsistent (`ModelConfig.from_dict` checks it); return it unchanged."
+    ModelConfig.from_dict(config)
     return config
 
 def get_config(name:str, # a key of PRESETS
@@ -81,25 +62,28 @@ def get_config(name:str, # a key of PRESETS
     if name not in PRESETS: raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
     return check_config({**copy.deepcopy(PRESETS[name]), **overrides})
 
+# %% ../../nbs/09d_configs.ipynb #94b7e8d3
+@patch(cls_method=True)
+def from_preset(cls:BaseModel, name:str, # a preset of `PRESETS`
+                **overrides, # config keys to change
+               ):
+    "Build the model from a named preset."
+    return cls(get_config(name, **overrides))
+
 # %% ../../nbs/09d_configs.ipynb #71a91403
-def count_parameters(config:dict, # a model config
+def count_parameters(config:dict, # a model config (dict or `ModelConfig`)
                     ) -> int:
     "Parameters of the model `config` describes (tied weights counted once)."
-    C, V, L = config["embed_dim"], config["vocab_size"], config["num_layers"]
-    H = config["num_heads"]
-    num_kv_heads = config.get("num_kv_heads") or H
-    head_dim = config.get("head_dim") or C // H
-    hidden_dim = config.get("hidden_dim") or 4 * C
-    bias = config.get("bias", False)
-    architecture = config.get("architecture", "gpt2")
-    uses_swiglu = architecture in ("llama", "mistral")
-    qkv_dim = (H + 2 * num_kv_heads) * head_dim
-    attention = C * qkv_dim + H * head_dim * C + bias * (qkv_dim + C)
-    if uses_swiglu: feed_forward = 3 * C * hidden_dim + bias * (2 * hidden_dim + C)
-    else:           feed_forward = 2 * C * hidden_dim + bias * (hidden_dim + C)
+    c = ModelConfig.from_dict(config)
+    C, V, L, H, KVH, hd, F = c.embed_dim, c.vocab_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_dim
+    uses_swiglu = c.architecture in ("llama", "mistral")
+    qkv_dim = (H + 2 * KVH) * hd
+    attention = C * qkv_dim + H * hd * C + c.bias * (qkv_dim + C)
+    if uses_swiglu: feed_forward = 3 * C * F + c.bias * (2 * F + C)
+    else:           feed_forward = 2 * C * F + c.bias * (F + C)
     norm = C if uses_swiglu else 2 * C                     # RMSNorm: weight; LayerNorm: weight and bias
     block = attention + feed_forward + 2 * norm
-    embeddings = V * C + (config["max_position_embeddings"] * C if architecture in ("gpt", "gpt2") else 0)
-    final_norm = 0 if architecture == "gpt" else norm
-    lm_head = 0 if config.get("tie_word_embeddings", False) else V * C
+    embeddings = V * C + (c.max_position_embeddings * C if c.architecture in ("gpt", "gpt2") else 0)
+    final_norm = 0 if c.architecture == "gpt" else norm
+    lm_head = 0 if c.tie_word_embeddings else V * C
     return embeddings + L * block + final_norm + lm_head

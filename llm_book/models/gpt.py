@@ -14,6 +14,7 @@ from ..core.feed_forward import FeedForward
 from ..core.gelu import GELU
 from ..core.positional_embeddings import PositionalEmbeddings
 from ..core.token_embeddings import TokenEmbeddings
+import llm_book.models.configs   # adds BaseModel.from_preset
 
 # %% auto #0
 __all__ = ['GPT', 'GPT2']
@@ -25,42 +26,28 @@ class GPT(BaseModel):
     uses_learned_positions = True
     residual_scale = False   # GPT-2 scales the residual projections' initial weights by 1/sqrt(2L)
 
-    def __init__(self, config:dict, # a config (`llm_book.models.configs`), e.g. get_config("gpt")
-                ):
-        super().__init__(config)
+    def make_positions(self):
+        "Learned position vectors (and the dropout on the embeddings)."
         c = self.config
-        self.token_embeddings = TokenEmbeddings(c["vocab_size"], c["embed_dim"])
-        self.position_embeddings = PositionalEmbeddings(c["max_position_embeddings"], c["embed_dim"])
-        self.embedding_dropout = nn.Dropout(c.get("dropout", 0.0))
-        self.layers = nn.ModuleList([self.make_layer() for _ in range(c["num_layers"])])
-        self.final_norm = self.make_final_norm()
-        self.lm_head = nn.Linear(c["embed_dim"], c["vocab_size"], bias=False)
-        self.init_weights(residual_scale=self.residual_scale)
-        if c.get("tie_word_embeddings", True): self.lm_head.weight = self.token_embeddings.weight   # one V x C matrix
+        self.position_embeddings = PositionalEmbeddings(c.max_position_embeddings, c.embed_dim)
+        self.embedding_dropout = nn.Dropout(c.dropout)
+
+    def embed(self, input_ids, # (B, T) int64, checked by `BaseModel.forward`
+              positions, # (T,) or (B, T) int64, checked too
+             ) -> torch.Tensor: # (B, T, C)
+        "Token vectors plus the vectors of their positions: the embedding hook."
+        x = self.token_embeddings(input_ids, check=False) + self.position_embeddings(positions, check=False)
+        return self.embedding_dropout(x)                                                   # (B, T, C)
 
     def make_layer(self):
         "One post-LN block."
         c = self.config
-        return Decoder(c["embed_dim"], c["num_heads"], c.get("hidden_dim"), c.get("dropout", 0.0),
-                       bias=c.get("bias", True), norm_eps=c.get("norm_eps", 1e-5), activation=GELU("none"))
+        return Decoder(c.embed_dim, c.num_heads, c.hidden_dim, c.dropout, bias=c.bias, norm_eps=c.norm_eps,
+                       activation=GELU("none"))
 
     def make_final_norm(self):
         "Post-LN blocks end normalized: no final norm."
         return nn.Identity()
-
-    def forward(self, input_ids, # (B, T) int64
-                attention_mask=None, # (B, T) bool, True = real token (new tokens; or cached + new)
-                cache=None, # list of per-layer KV caches (None entries to start)
-                use_cache:bool=False, # return (logits, cache)
-                logits_to_keep:int=0, # only the last this many positions' logits (0: all)
-               ):
-        "Logits (B, T, vocab_size) float32, or `(logits, cache)` with `use_cache`."
-        mask, positions, cache = self.prepare_inputs(input_ids, attention_mask, cache, use_cache)
-        x = self.token_embeddings(input_ids) + self.position_embeddings(positions)        # (B, T, C)
-        x = self.embedding_dropout(x)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, mask, positions, None if cache is None else cache[i])            # (B, T, C)
-        return self.output(x, cache, logits_to_keep)
 
 # %% ../../nbs/10_gpt.ipynb #2a66845c
 class GPT2(GPT):
@@ -71,11 +58,10 @@ class GPT2(GPT):
     def make_layer(self):
         "One pre-LN block: LayerNorm and the GELU (tanh) MLP injected into `CachedDecoder`."
         c = self.config
-        dropout, bias = c.get("dropout", 0.0), c.get("bias", True)
-        feed_forward = FeedForward(c["embed_dim"], c.get("hidden_dim"), activation=GELU("tanh"), bias=bias, dropout=dropout)
-        return CachedDecoder(c["embed_dim"], c["num_heads"], feed_forward_layer=feed_forward,
-                             norm_layer=partial(nn.LayerNorm, eps=c.get("norm_eps", 1e-5)), dropout=dropout, bias=bias)
+        feed_forward = FeedForward(c.embed_dim, c.hidden_dim, activation=GELU("tanh"), bias=c.bias, dropout=c.dropout)
+        return CachedDecoder(c.embed_dim, c.num_heads, feed_forward_layer=feed_forward,
+                             norm_layer=partial(nn.LayerNorm, eps=c.norm_eps), dropout=c.dropout, bias=c.bias)
 
     def make_final_norm(self):
         "Pre-LN leaves the residual stream unnormalized: normalize once at the end."
-        return nn.LayerNorm(self.config["embed_dim"], eps=self.config.get("norm_eps", 1e-5))
+        return nn.LayerNorm(self.config.embed_dim, eps=self.config.norm_eps)

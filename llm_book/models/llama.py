@@ -13,6 +13,7 @@ from ..core.rms_norm import RMSNorm
 from ..core.rope import RoPE
 from ..core.swi_glu import SwiGLU
 from ..core.token_embeddings import TokenEmbeddings
+import llm_book.models.configs   # adds BaseModel.from_preset
 
 # %% auto #0
 __all__ = ['Llama']
@@ -22,38 +23,23 @@ class Llama(BaseModel):
     "LLaMA: token embeddings, pre-norm blocks with RMSNorm, RoPE, grouped-query attention and SwiGLU; KV cache."
     architecture = "llama"
 
-    def __init__(self, config:dict, # a config (`llm_book.models.configs`), e.g. get_config("llama-7b")
-                ):
-        super().__init__(config)
+    def make_positions(self):
+        "No position vectors: one RoPE rotates q and k in every layer (its cos/sin computed once per forward)."
         c = self.config
-        if self.window_size is not None and type(self) is Llama:
-            raise ValueError(f"Llama has no sliding window (config window_size={self.window_size}); use Mistral")
-        head_dim = c.get("head_dim") or c["embed_dim"] // c["num_heads"]
-        self.token_embeddings = TokenEmbeddings(c["vocab_size"], c["embed_dim"])
-        self.rope = RoPE(head_dim, c["max_position_embeddings"], base=c.get("rope_base", 10000.0))
-        self.layers = nn.ModuleList([CachedDecoder(**self.layer_kwargs()) for _ in range(c["num_layers"])])
-        self.final_norm = RMSNorm(c["embed_dim"], eps=c.get("norm_eps", 1e-5))
-        self.lm_head = nn.Linear(c["embed_dim"], c["vocab_size"], bias=False)
-        self.init_weights(residual_scale=False)   # Meta and Hugging Face: plain N(0, 0.02)
-        if c.get("tie_word_embeddings", False): self.lm_head.weight = self.token_embeddings.weight
+        self.rope = RoPE(c.head_dim, c.max_position_embeddings, base=c.rope_base)
+
+    def make_layer(self):
+        "One pre-norm block with LLaMA's parts injected."
+        return CachedDecoder(**self.layer_kwargs())
 
     def layer_kwargs(self) -> dict:
         "The parts injected into each `CachedDecoder`."
         c = self.config
-        return dict(embed_dim=c["embed_dim"], num_heads=c["num_heads"], num_kv_heads=c.get("num_kv_heads"),
-                    feed_forward_layer=SwiGLU(c["embed_dim"], c["hidden_dim"], bias=c.get("bias", False)),
-                    norm_layer=partial(RMSNorm, eps=c.get("norm_eps", 1e-5)), rope=self.rope,
-                    dropout=c.get("dropout", 0.0), bias=c.get("bias", False), head_dim=c.get("head_dim"))
+        return dict(embed_dim=c.embed_dim, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+                    feed_forward_layer=SwiGLU(c.embed_dim, c.hidden_dim, bias=c.bias),
+                    norm_layer=partial(RMSNorm, eps=c.norm_eps), rope=self.rope,
+                    dropout=c.dropout, bias=c.bias, head_dim=c.head_dim)
 
-    def forward(self, input_ids, # (B, T) int64
-                attention_mask=None, # (B, T) bool, True = real token (new tokens; or cached + new)
-                cache=None, # list of per-layer KV caches (None entries to start)
-                use_cache:bool=False, # return (logits, cache)
-                logits_to_keep:int=0, # only the last this many positions' logits (0: all)
-               ):
-        "Logits (B, T, vocab_size) float32, or `(logits, cache)` with `use_cache`."
-        mask, positions, cache = self.prepare_inputs(input_ids, attention_mask, cache, use_cache)
-        x = self.token_embeddings(input_ids)                                  # (B, T, C): no positions added
-        for i, layer in enumerate(self.layers):
-            x = layer(x, mask, positions, None if cache is None else cache[i])   # RoPE inside attention
-        return self.output(x, cache, logits_to_keep)
+    def make_final_norm(self):
+        "RMSNorm before the output layer."
+        return RMSNorm(self.config.embed_dim, eps=self.config.norm_eps)

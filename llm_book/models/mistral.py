@@ -19,6 +19,7 @@ class Mistral(Llama):
         "LLaMA's block, with the attention limited to the last `window_size` positions."
         return {**super().layer_kwargs(), "window_size": self.window_size}      # the one real change
 
-    def make_layer_cache(self, max_length:int|None=None):
-        "A rolling buffer of `window_size` slots per layer (memory bounded by the window)."
-        return KVCache(max_length) if self.window_size is None else RollingKVCache(self.window_size)
+    def new_cache(self, max_length:int|None=None):
+        "One rolling buffer of `window_size` slots per layer (memory bounded by the window)."
+        if self.window_size is None: return super().new_cache(max_length)
+        return RollingKVCache(self.window_size, num_layers=self.num_layers)

@@ -19,6 +19,7 @@ import os
 import random
 import resource
 import time
+from collections.abc import Mapping
 import warnings
 import zlib
 from dataclasses import asdict, dataclass, fields
@@ -456,7 +457,7 @@ def save_checkpoint(self:Trainer, path:str|Path|None=None, # None: `out_dir/chec
         scheduler_state = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
         metadata = {"format": CHECKPOINT_FORMAT, "step": str(self.step), "tokens_seen": str(self.tokens_seen),
                     "trainer_config": json.dumps(asdict(self.config)), "model_class": type(self.model).__name__,
-                    "model_config": json.dumps(getattr(self.model, "config", None) if isinstance(getattr(self.model, "config", None), dict) else None),
+                    "model_config": json.dumps(dict(self.model.config) if isinstance(getattr(self.model, "config", None), Mapping) else None),
                     "aliases": json.dumps(aliases), "optimizer_param_groups": json.dumps(optimizer_state["param_groups"]),
                     "scheduler": json.dumps(scheduler_state), "rng": json.dumps(rng_states), "data": json.dumps(data_states),
                     "world_size": str(self.world_size)}
