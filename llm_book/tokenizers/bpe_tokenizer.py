@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable
@@ -15,13 +16,14 @@ import regex
 from fastcore.basics import patch
 from tqdm.auto import tqdm
 
-from .base_tokenizer import BaseTokenizer, atomic_write_text, special_tokens_pattern
+from .base_tokenizer import BaseTokenizer, atomic_write_text, check_text, special_tokens_pattern
 
 # %% auto #0
-__all__ = ['SPLIT_PATTERNS', 'BYTE_TO_CHAR', 'CHAR_TO_BYTE', 'GGUF_PRE_TOKENIZERS', 'get_pair_counts', 'merge_pair',
-           'naive_train_bpe', 'resolve_pattern', 'count_words', 'train_bpe', 'BPETokenizer', 'rank_bpe',
-           'missing_bytes_pattern', 'random_unicode_text', 'bytes_to_unicode', 'token_to_str', 'str_to_token',
-           'read_gguf_metadata', 'smollm2_gguf_path', 'render_chat_template']
+__all__ = ['SPLIT_PATTERNS', 'LONG_CHUNK', 'LONG_RUN', 'BYTE_TO_CHAR', 'CHAR_TO_BYTE', 'GGUF_PRE_TOKENIZERS', 'get_pair_counts',
+           'merge_pair', 'naive_train_bpe', 'split_chunks', 'resolve_pattern', 'count_words', 'train_bpe',
+           'BPETokenizer', 'bpe_merge_heap', 'rank_bpe', 'missing_bytes_pattern', 'random_unicode_text',
+           'bytes_to_unicode', 'token_to_str', 'str_to_token', 'read_gguf_metadata', 'smollm2_gguf_path',
+           'render_chat_template']
 
 # %% ../../nbs/21_bpe_tokenizer.ipynb #bcbf428d
 def get_pair_counts(
@@ -70,6 +72,14 @@ SPLIT_PATTERNS = {
     "smollm": r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+""",
 }
 
+def split_chunks(
+    compiled:regex.Pattern, # a compiled split pattern
+    text:str, # the text to split
+) -> list[str]:
+    "The chunks of `text`: every whole match of `compiled` (`findall` would return only the groups' text)."
+    if compiled.groups == 0: return compiled.findall(text)
+    return [match.group() for match in compiled.finditer(text)]
+
 def resolve_pattern(pattern:str) -> str:
     "The regex for a named split pattern ('gpt2', 'gpt4', 'smollm'), or `pattern` itself."
     if not isinstance(pattern, str) or not pattern: raise ValueError(f"pattern is {pattern!r}; expected a name in {list(SPLIT_PATTERNS)} or a regex")
@@ -79,6 +89,16 @@ def resolve_pattern(pattern:str) -> str:
     return pattern
 
 # %% ../../nbs/21_bpe_tokenizer.ipynb #5a4a60c8
+def _raise_uncovered(compiled:regex.Pattern, text:str):
+    "Name the first character of `text` that no chunk of `compiled` covers."
+    position = 0
+    for match in compiled.finditer(text):
+        if match.start() > position: break
+        position = max(position, match.end())
+    raise ValueError(f"pattern {compiled.pattern[:80]!r} does not match the character {text[position]!r} at index "
+                     f"{position} of the training text, which would be lost; a split pattern must match every "
+                     "character (add |\\s+|. at its end to keep the rest)")
+
 def count_words(
     texts:str|Iterable[str], # a text, or an iterator of texts (documents)
     pattern:str="gpt2", # the split pattern (a name or a regex)
@@ -89,8 +109,11 @@ def count_words(
     chunk_counts = Counter()
     for text in ([texts] if isinstance(texts, str) else texts):
         if not isinstance(text, str): raise ValueError(f"texts has an item of type {type(text).__name__}; expected str")
+        check_text(text, "training text")
         for part in (specials.split(text)[::2] if specials else [text]):  # even positions: text between specials
-            chunk_counts.update(compiled.findall(part))
+            chunks = split_chunks(compiled, part)
+            if sum(map(len, chunks)) != len(part): _raise_uncovered(compiled, part)
+            chunk_counts.update(chunks)
     return Counter({tuple(chunk.encode("utf-8")): n for chunk, n in chunk_counts.items()})
 
 # %% ../../nbs/21_bpe_tokenizer.ipynb #74ccbc9e
@@ -149,9 +172,14 @@ class BPETokenizer(BaseTokenizer):
         self.vocab = {int(idx): bytes(b) for idx, b in vocab.items()}
         clash = sorted(set(self.vocab) & set(self.special_ids))
         if clash: raise ValueError(f"special_tokens reuse ordinary token ids {clash[:5]}")
-        size = max([*self.vocab, *self.special_ids]) + 1
-        missing = [i for i in range(size) if i not in self.vocab and i not in self.special_ids]
-        if missing: raise ValueError(f"vocab has no token for ids {missing[:5]} (ids must be 0..{size - 1} without gaps)")
+        if len(self.special_ids) != len(self.special_tokens): raise ValueError("special_tokens give two strings the same id")
+        # n distinct ids that all lie in [0, n) fill it without gaps; checked before any table of size n is built
+        size = len(self.vocab) + len(self.special_ids)
+        for what, ids in (("vocab", self.vocab), ("special_tokens", self.special_ids)):
+            outside = next((i for i in ids if not 0 <= i < size), None)
+            if outside is not None:
+                raise ValueError(f"{what} has the id {outside}, outside [0, {size}): {size} tokens must have the ids "
+                                 f"0..{size - 1}, without gaps")
         self._vocab_size = size
         self.bytes_to_id = {}
         for idx in sorted(self.vocab): self.bytes_to_id.setdefault(self.vocab[idx], idx)
@@ -197,24 +225,57 @@ def train(cls:BPETokenizer,
           verbose:bool=False, # show a progress bar
           **kwargs, # passed on to `BPETokenizer` (chat_template, eos_token, backend, ...)
          ) -> BPETokenizer:
-    "Train a byte-level BPE tokenizer with `vocab_size` ids on `text`."
+    "Train a byte-level BPE tokenizer with `vocab_size` ids on `text` (ValueError if empty; a warning if it runs out of pairs)."
     special_tokens = list(dict.fromkeys(special_tokens))
     if not isinstance(vocab_size, int) or vocab_size < 256 + len(special_tokens):
         raise ValueError(f"vocab_size is {vocab_size!r}; expected an int >= 256 + {len(special_tokens)} special tokens = {256 + len(special_tokens)}")
     word_counts = count_words(text, pattern, special_tokens)
-    merges = train_bpe(word_counts, vocab_size - 256 - len(special_tokens), verbose=verbose)
+    if not word_counts: raise ValueError("text is empty; expected training text with at least one character")
+    num_merges = vocab_size - 256 - len(special_tokens)
+    merges = train_bpe(word_counts, num_merges, verbose=verbose)
+    if len(merges) < num_merges:
+        warnings.warn(f"the training text has pairs for only {len(merges)} of the {num_merges} merges asked for; "
+                      f"the vocabulary has {256 + len(merges) + len(special_tokens)} ids, not vocab_size={vocab_size}")
     vocab = {b: bytes([b]) for b in range(256)}
     for new_id, (a, b) in enumerate(merges, start=256): vocab[new_id] = vocab[a] + vocab[b]
     specials = {s: len(vocab) + i for i, s in enumerate(special_tokens)}
     return cls(vocab, merges, specials, pattern=pattern, **kwargs)
 
 # %% ../../nbs/21_bpe_tokenizer.ipynb #0f970f06
+LONG_CHUNK = 256   # chunks with more bytes than this are merged with the heap
+
+def bpe_merge_heap(
+    ids:list[int], # a chunk's token ids (its bytes)
+    rank_of, # (left id, right id) -> the merge's rank, or None (e.g. `merge_ranks.get`)
+    merge_ids:list[int], # merge_ids[rank]: the id that the merge of that rank makes
+) -> list[int]:
+    "Merge the lowest-rank adjacent pair (leftmost on ties) until none is left, in O(n log n)."
+    n = len(ids)
+    ids, alive = list(ids), [True] * n
+    left, right = list(range(-1, n - 1)), list(range(1, n + 1))      # neighbours of position i (-1 / n: none)
+    heap = [(rank, i) for i in range(n - 1) if (rank := rank_of((ids[i], ids[i + 1]))) is not None]
+    heapq.heapify(heap)
+    while heap:
+        rank, i = heapq.heappop(heap)
+        j = right[i] if alive[i] else n
+        if j == n or rank_of((ids[i], ids[j])) != rank: continue        # stale: the pair changed after the push
+        ids[i], alive[j] = merge_ids[rank], False                         # i holds the new token, j is gone
+        right[i] = right[j]
+        if right[i] < n: left[right[i]] = i
+        if left[i] >= 0 and (rank := rank_of((ids[left[i]], ids[i]))) is not None: heapq.heappush(heap, (rank, left[i]))
+        if right[i] < n and (rank := rank_of((ids[i], ids[right[i]]))) is not None: heapq.heappush(heap, (rank, i))
+    return [token for token, kept in zip(ids, alive) if kept]
+
 @patch
-def _encode_chunk(self:BPETokenizer, chunk:bytes) -> list[int]:
+def _encode_chunk(self:BPETokenizer,
+                  chunk:bytes, # one pre-tokenized chunk
+                  long_chunk:int=LONG_CHUNK, # longer chunks are merged with `bpe_merge_heap`
+                 ) -> list[int]:
     "BPE on one pre-tokenized chunk: merge the lowest-rank adjacent pair (leftmost on ties) until none is left."
     ids = [self.byte_ids[b] for b in chunk]
     if self.missing_bytes and None in ids: ids = [i for i in ids if i is not None]   # bytes the vocab lacks vanish
     if self.ignore_merges and len(ids) > 1 and chunk in self.bytes_to_id: return [self.bytes_to_id[chunk]]
+    if len(ids) > long_chunk: return bpe_merge_heap(ids, self.merge_ranks.get, self.merge_ids)
     rank_of, no_merge = self.merge_ranks.get, len(self.merges)      # no_merge: larger than every rank
     pair_ranks = [rank_of(pair, no_merge) for pair in zip(ids, ids[1:])]   # pair_ranks[i]: rank of (ids[i], ids[i+1])
     while pair_ranks:
@@ -231,9 +292,10 @@ def _encode_chunk(self:BPETokenizer, chunk:bytes) -> list[int]:
 @patch
 def encode_ordinary_python(self:BPETokenizer, text:str) -> list[int]:
     "Pure-Python encoding of `text` (no special tokens): split into chunks, BPE each chunk (cached)."
+    check_text(text)
     cache, ids = self._cache, []
     if len(cache) > 200_000: cache.clear()                        # bound the memory the cache can take
-    for chunk in self._split.findall(text):
+    for chunk in split_chunks(self._split, text):
         if chunk not in cache: cache[chunk] = self._encode_chunk(chunk.encode("utf-8"))
         ids += cache[chunk]
     return ids
@@ -286,6 +348,9 @@ def missing_bytes_pattern(
     return regex.compile("[" + "".join(f"\\U{lo:08x}-\\U{hi:08x}" for lo, hi in ranges) + "]")
 
 # %% ../../nbs/21_bpe_tokenizer.ipynb #f45ee208
+LONG_RUN = 1000   # text with a run of this many characters of one class is encoded in Python, never by tiktoken
+_LONG_RUN_PATTERN = regex.compile(rf"\s{{{LONG_RUN},}}|\p{{L}}{{{LONG_RUN},}}|\p{{N}}{{{LONG_RUN},}}|[^\s\p{{L}}\p{{N}}]{{{LONG_RUN},}}")
+
 @patch
 def tiktoken_encoding(self:BPETokenizer):
     "A `tiktoken.Encoding` with the same ranks, or None when tiktoken is missing or would give different ids."
@@ -306,8 +371,13 @@ def encode_ordinary_tiktoken(self:BPETokenizer, text:str) -> list[int]:
     encoding = self.tiktoken_encoding()
     if encoding is None: raise ValueError("backend 'tiktoken' is unavailable: tiktoken is missing or its ranks would not reproduce this merge list")
     _, rank_to_id, missing = self._tiktoken
+    check_text(text)                                      # tiktoken would replace a lone surrogate by U+FFFD
     if missing is not None and missing.search(text): return self.encode_ordinary_python(text)  # uses a missing byte
-    ids = encoding.encode_ordinary(text)
+    if _LONG_RUN_PATTERN.search(text): return self.encode_ordinary_python(text)   # tiktoken's regex would overflow
+    try: ids = encoding.encode_ordinary(text)
+    except BaseException as e:                            # a Rust panic: pyo3's PanicException is a BaseException
+        if type(e).__name__ != "PanicException": raise
+        return self.encode_ordinary_python(text)
     return ids if rank_to_id is None else [rank_to_id[r] for r in ids]
 
 @patch
@@ -364,8 +434,17 @@ def get_state(self:BPETokenizer) -> dict:
 
 @patch(cls_method=True)
 def from_state(cls:BPETokenizer, state:dict, special_tokens:dict[str, int]):
-    "Rebuild from `get_state()`."
-    vocab = {int(i): str_to_token(s) for s, i in state["vocab"].items()}
+    "Rebuild from `get_state()`; a bad entry is a ValueError that names it."
+    if not isinstance(state.get("vocab"), dict): raise ValueError("state.vocab is missing or not a JSON object")
+    if not isinstance(state.get("merges"), list): raise ValueError("state.merges is missing or not a list")
+    vocab = {}
+    for spelled, idx in state["vocab"].items():
+        if type(idx) is not int or idx < 0: raise ValueError(f"vocab[{spelled!r}] is {idx!r}; expected a non-negative int id")
+        if idx in vocab: raise ValueError(f"vocab[{spelled!r}] is {idx}, an id that another entry already has")
+        vocab[idx] = str_to_token(spelled)
+    for rank, merge in enumerate(state["merges"]):
+        if not (isinstance(merge, list) and len(merge) == 2 and all(type(i) is int for i in merge)):
+            raise ValueError(f"merges[{rank}] is {json.dumps(merge)[:80]}; expected [left id, right id]")
     return cls(vocab, [tuple(m) for m in state["merges"]], special_tokens, pattern=state["pattern"],
                chat_template=state.get("chat_template"), bos_token=state.get("bos_token"),
                eos_token=state.get("eos_token"), ignore_merges=state.get("ignore_merges", False))
