@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import uuid
 import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -514,18 +515,37 @@ def from_hf(cls:BPETokenizer,
     if data.get("normalizer") is not None: raise ValueError(f"{str(path)!r} has a normalizer; only byte-level BPE without one is supported")
     if model.get("byte_fallback") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
         raise ValueError(f"{str(path)!r} uses byte_fallback or subword affixes; expected plain byte-level BPE")
-    special_tokens = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
-    config = {}
-    if (directory/"tokenizer_config.json").is_file():
-        config = json.loads((directory/"tokenizer_config.json").read_text(encoding="utf-8"))
-    def token_name(value): return value.get("content") if isinstance(value, dict) else value
-    bos, eos = token_name(config.get("bos_token")), token_name(config.get("eos_token"))
-    return cls.from_vocab_and_merges(model["vocab"], model["merges"], special_tokens,
-                                     pattern=_pattern_from_hf(data.get("pre_tokenizer")),
-                                     ignore_merges=model.get("ignore_merges", False),
-                                     chat_template=config.get("chat_template"),
-                                     bos_token=bos if bos in special_tokens else None,
-                                     eos_token=eos if eos in special_tokens else None, **kwargs)
+    config = _read_tokenizer_config(directory/"tokenizer_config.json")
+    bos, eos = config.get("bos_token"), config.get("eos_token")
+    try:
+        special_tokens = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+        return cls.from_vocab_and_merges(model["vocab"], model["merges"], special_tokens,
+                                         pattern=_pattern_from_hf(data.get("pre_tokenizer")),
+                                         ignore_merges=model.get("ignore_merges", False),
+                                         chat_template=config.get("chat_template"),
+                                         bos_token=bos if bos in special_tokens else None,
+                                         eos_token=eos if eos in special_tokens else None, **kwargs)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise ValueError(f"{str(path)!r} is not a valid byte-level BPE tokenizer.json ({type(e).__name__}: {e})") from e
+
+def _read_tokenizer_config(path:Path) -> dict:
+    "The fields we use from a `tokenizer_config.json` (none if the file is absent), checked; errors name the file and key."
+    if not path.is_file(): return {}
+    try: config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ValueError(f"{str(path)!r} is not valid JSON: {e}") from e
+    if not isinstance(config, dict): raise ValueError(f"{str(path)!r} holds a {type(config).__name__}; expected a JSON object")
+    checked = {}
+    for key in ("bos_token", "eos_token"):
+        value = config.get(key)
+        if isinstance(value, dict): value = value.get("content")      # the AddedToken form {"content": ...}
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{str(path)!r} has {key} = {json.dumps(config[key])[:80]}; expected a string or {{\"content\": string}}")
+        checked[key] = value
+    template = config.get("chat_template")
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{str(path)!r} has a chat_template of type {type(template).__name__}; expected a Jinja string")
+    checked["chat_template"] = template
+    return checked
 
 # %% ../../nbs/21_bpe_tokenizer.ipynb #e0f175f4
 @patch
@@ -664,12 +684,44 @@ def apply_chat_template(self:BPETokenizer,
                         messages:list[dict], # [{"role": ..., "content": ...}, ...]
                         add_generation_prompt:bool=True, # end with the header of an assistant turn
                         tokenize:bool=True, # return ids (True) or the rendered text (False)
+                        content_specials:str="special", # special strings in message content: 'special' (as Transformers) or 'text'
                         **context, # further template variables
                        ) -> list[int]|str:
-    "Render `messages` with this tokenizer's chat template and encode them (special tokens allowed)."
+    "Render `messages` with this tokenizer's chat template and encode them; the template's special tokens are special."
     if not self.chat_template: raise ValueError("this tokenizer has no chat_template")
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise ValueError("messages must be a list of dicts with 'role' and 'content'")
+    if content_specials not in ("special", "text"):
+        raise ValueError(f"content_specials is {content_specials!r}; expected 'special' or 'text'")
     context = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "", **context}
     text = render_chat_template(self.chat_template, messages, add_generation_prompt, **context)
-    return self.encode(text, allowed_special="all") if tokenize else text
+    if not tokenize: return text
+    if content_specials == "special": return self.encode(text, allowed_special="all")
+    return self._encode_with_plain_content(text, messages, add_generation_prompt, context)
+
+@patch
+def _encode_with_plain_content(self:BPETokenizer, text:str, messages:list[dict], add_generation_prompt:bool, context:dict) -> list[int]:
+    "Encode the rendered `text` with the template's special strings as specials and the messages' content as plain text."
+    contents = [m.get("content") for m in messages]
+    marks = [f"\ue000{i}:{uuid.uuid4().hex}\ue001" if isinstance(c, str) and c else None for i, c in enumerate(contents)]
+    marked = [{**m, "content": mark} if mark else m for m, mark in zip(messages, marks)]
+    skeleton = render_chat_template(self.chat_template, marked, add_generation_prompt, **context)
+    # cut the skeleton at the marks: template text at even positions, a mark (a message's content) at odd ones
+    used = [mark for mark in marks if mark]
+    pieces = regex.split("(" + "|".join(map(regex.escape, used)) + ")", skeleton) if used else [skeleton]
+    segments = [(piece, i % 2 == 1) for i, piece in enumerate(pieces)]   # (text, is it content?)
+    by_mark = {mark: contents[i] for i, mark in enumerate(marks) if mark}
+    segments = [(by_mark[piece], True) if is_content else (piece, False) for piece, is_content in segments]
+    if "".join(piece for piece, _ in segments) != text:
+        raise ValueError("this chat template changes the message content, so content_specials='text' cannot "
+                         "tell content from template; use content_specials='special' on content you trust")
+    special = self._special_pattern(frozenset(self.special_tokens))
+    ids, pending = [], ""                                  # pending: ordinary text not encoded yet
+    for piece, is_content in segments:
+        if is_content or special is None: pending += piece; continue
+        for i, part in enumerate(special.split(piece)):
+            if i % 2 == 0: pending += part; continue
+            if pending: ids += self.encode_ordinary(pending)
+            ids.append(self.special_tokens[part]); pending = ""
+    if pending: ids += self.encode_ordinary(pending)
+    return ids
