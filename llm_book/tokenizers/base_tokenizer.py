@@ -84,7 +84,7 @@ class BaseTokenizer:
         raise NotImplementedError(f"{type(self).__name__} must define vocab_size")
 
     def encode_ordinary(self, text:str) -> list[int]:
-        "Encode `text` with no special-token handling at all."
+        "Encode `text` with no special-token handling at all (`check_text` first: lone surrogates are an error)."
         raise NotImplementedError(f"{type(self).__name__} must define encode_ordinary")
 
     def token_bytes(self, idx:int) -> bytes:
@@ -149,7 +149,7 @@ def encode(self:BaseTokenizer,
            disallowed_special:str="text", # what a special string that is not allowed becomes: 'text' or 'raise'
           ) -> list[int]:
     "Encode `text` to ids; special-token strings become special ids only when allowed."
-    check_text(text)
+    if not isinstance(text, str): raise ValueError(f"text is {type(text).__name__}; expected str")
     if disallowed_special not in ("text", "raise"):
         raise ValueError(f"disallowed_special is {disallowed_special!r}; expected 'text' or 'raise'")
     allowed = _resolve_special(self, allowed_special, "allowed_special")

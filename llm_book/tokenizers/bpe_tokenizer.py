@@ -22,7 +22,7 @@ from .base_tokenizer import BaseTokenizer, atomic_write_text, check_text, specia
 # %% auto #0
 __all__ = ['SPLIT_PATTERNS', 'LONG_CHUNK', 'LONG_RUN', 'BYTE_TO_CHAR', 'CHAR_TO_BYTE', 'GGUF_PRE_TOKENIZERS', 'get_pair_counts',
            'merge_pair', 'naive_train_bpe', 'split_chunks', 'resolve_pattern', 'count_words', 'train_bpe',
-           'BPETokenizer', 'bpe_merge_heap', 'rank_bpe', 'missing_bytes_pattern', 'random_unicode_text',
+           'BPETokenizer', 'bpe_merge_heap', 'rank_bpe', 'missing_bytes_pattern', 'has_long_run', 'random_unicode_text',
            'bytes_to_unicode', 'token_to_str', 'str_to_token', 'read_gguf_metadata', 'smollm2_gguf_path',
            'render_chat_template']
 
@@ -349,8 +349,18 @@ def missing_bytes_pattern(
     return regex.compile("[" + "".join(f"\\U{lo:08x}-\\U{hi:08x}" for lo, hi in ranges) + "]")
 
 # %% ../../nbs/21_bpe_tokenizer.ipynb #f45ee208
-LONG_RUN = 1000   # text with a run of this many characters of one class is encoded in Python, never by tiktoken
-_LONG_RUN_PATTERN = regex.compile(rf"\s{{{LONG_RUN},}}|\p{{L}}{{{LONG_RUN},}}|\p{{N}}{{{LONG_RUN},}}|[^\s\p{{L}}\p{{N}}]{{{LONG_RUN},}}")
+LONG_RUN = 1000   # text that may hold a run this long of one character class is encoded in Python, not by tiktoken
+_CLASS_RUN = regex.compile(r"\s+|\p{L}+|\p{N}+|[^\s\p{L}\p{N}]+")   # exactly one branch matches at any position
+
+def has_long_run(
+    text:str, # the text to scan
+    length:int=LONG_RUN, # the run length to look for
+) -> bool:
+    "Whether `text` may hold a run of `length` characters of one class (certain from `2 * length` on), in O(len / length) probes."
+    # a run of 2 * length characters or more contains a multiple of `length` followed by at least `length` of its characters
+    for start in range(0, len(text) - length + 1, length):
+        if _CLASS_RUN.match(text, start).end() - start >= length: return True
+    return False
 
 @patch
 def tiktoken_encoding(self:BPETokenizer):
@@ -374,7 +384,7 @@ def encode_ordinary_tiktoken(self:BPETokenizer, text:str) -> list[int]:
     _, rank_to_id, missing = self._tiktoken
     check_text(text)                                      # tiktoken would replace a lone surrogate by U+FFFD
     if missing is not None and missing.search(text): return self.encode_ordinary_python(text)  # uses a missing byte
-    if _LONG_RUN_PATTERN.search(text): return self.encode_ordinary_python(text)   # tiktoken's regex would overflow
+    if has_long_run(text): return self.encode_ordinary_python(text)   # tiktoken's regex could overflow its stack
     try: ids = encoding.encode_ordinary(text)
     except BaseException as e:                            # a Rust panic: pyo3's PanicException is a BaseException
         if type(e).__name__ != "PanicException": raise

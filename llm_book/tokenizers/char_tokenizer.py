@@ -43,7 +43,7 @@ class CharTokenizer(BaseTokenizer):
 
     def encode_ordinary(self, text:str) -> list[int]:
         "Map each character to its id; a character outside the vocabulary is an error."
-        try: return [self.char_to_id[c] for c in text]
+        try: return [self.char_to_id[c] for c in check_text(text)]
         except KeyError as e: raise ValueError(f"text has character {e.args[0]!r}, which is not in the vocabulary") from None
 
     def token_bytes(self, idx:int) -> bytes: return self.chars[idx].encode("utf-8")
