@@ -61,7 +61,7 @@ class BaseTokenizer:
             if not isinstance(text, str) or not text:
                 raise ValueError(f"special_tokens has key {text!r}; expected a non-empty string")
             check_text(text, f"special_tokens key {text!r}")
-            if not isinstance(idx, int) or idx < 0:
+            if not isinstance(idx, int) or isinstance(idx, bool) or idx < 0:
                 raise ValueError(f"special_tokens[{text!r}] is {idx!r}; expected a non-negative int")
         self.special_tokens = dict(special_tokens)
         self.special_ids = {idx: text for text, idx in self.special_tokens.items()}  # id -> string
@@ -221,7 +221,12 @@ def decode_batch(self:BaseTokenizer, batch:Iterable[Iterable[int]], errors:str="
 
 # %% ../../nbs/20_base_tokenizer.ipynb #dbda3bb5
 def current_umask() -> int:
-    "The process's umask (read by setting it and putting it straight back)."
+    "The process's umask: read from /proc on Linux (no side effect), elsewhere by setting it and restoring it."
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"): return int(line.split()[1], 8)
+    except (OSError, ValueError): pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -234,7 +239,7 @@ def atomic_write_text(path:str|Path, # where the file goes
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~current_umask())   # mkstemp makes 0600; give the mode open() would give
+        os.chmod(tmp_path, 0o666 & ~current_umask())   # mkstemp makes 0600; give the mode open() would give
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
