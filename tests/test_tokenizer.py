@@ -477,3 +477,20 @@ def test_role_injection_default_is_what_transformers_does(smol, hf_gguf):
     assert smol.apply_chat_template(injected) == expected
     defended = smol.apply_chat_template(injected, content_specials="text")
     assert defended != expected and smol.decode(defended) == smol.decode(expected)
+
+
+def test_cli_tokenize_survives_a_million_spaces(tmp_path, shakespeare_text):
+    "Issue 10: the tiktoken panic killed `llm_book tokenize apply` (and train --tokenizer bpe); run the CLI as a user does."
+    import subprocess
+    import sys
+    import numpy as np
+    data = tmp_path/"spaces.txt"
+    data.write_text(shakespeare_text[:20_000] + " " * 1_000_000 + "the end\n", encoding="utf-8")
+    cli = [sys.executable, "-c", "import sys; from llm_book.cli import main; sys.exit(main())", "tokenize"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    for args in (["train", "--data", data, "--kind", "bpe", "--vocab-size", "300", "--out", tmp_path/"tok.json"],
+                 ["apply", "--tokenizer", tmp_path/"tok.json", "--data", data, "--out", tmp_path/"ids.npy"]):
+        result = subprocess.run(cli + [str(a) for a in args], capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0 and "PanicException" not in result.stderr, result.stderr[-2000:]
+    tok = BaseTokenizer.load(tmp_path/"tok.json")
+    assert np.load(tmp_path/"ids.npy").tolist() == tok.encode_ordinary_python(data.read_text(encoding="utf-8"))

@@ -246,25 +246,26 @@ def train(cls:BPETokenizer,
 LONG_CHUNK = 256   # chunks with more bytes than this are merged with the heap
 
 def bpe_merge_heap(
-    ids:list[int], # a chunk's token ids (its bytes)
-    rank_of, # (left id, right id) -> the merge's rank, or None (e.g. `merge_ranks.get`)
-    merge_ids:list[int], # merge_ids[rank]: the id that the merge of that rank makes
-) -> list[int]:
+    ids:list, # a chunk's tokens (its byte ids)
+    rank_of, # (left, right) -> the merge's rank, or None (e.g. `merge_ranks.get`)
+    merged:list, # merged[rank]: the token that the merge of that rank makes
+) -> list:
     "Merge the lowest-rank adjacent pair (leftmost on ties) until none is left, in O(n log n)."
     n = len(ids)
     ids, alive = list(ids), [True] * n
     left, right = list(range(-1, n - 1)), list(range(1, n + 1))      # neighbours of position i (-1 / n: none)
-    heap = [(rank, i) for i in range(n - 1) if (rank := rank_of((ids[i], ids[i + 1]))) is not None]
+    # heap entries are the ints rank * n + i: ordered by rank, then position (leftmost first); ints compare fast
+    heap = [rank * n + i for i in range(n - 1) if (rank := rank_of((ids[i], ids[i + 1]))) is not None]
     heapq.heapify(heap)
     while heap:
-        rank, i = heapq.heappop(heap)
+        rank, i = divmod(heapq.heappop(heap), n)
         j = right[i] if alive[i] else n
         if j == n or rank_of((ids[i], ids[j])) != rank: continue        # stale: the pair changed after the push
-        ids[i], alive[j] = merge_ids[rank], False                         # i holds the new token, j is gone
+        ids[i], alive[j] = merged[rank], False                            # i holds the new token, j is gone
         right[i] = right[j]
         if right[i] < n: left[right[i]] = i
-        if left[i] >= 0 and (rank := rank_of((ids[left[i]], ids[i]))) is not None: heapq.heappush(heap, (rank, left[i]))
-        if right[i] < n and (rank := rank_of((ids[i], ids[right[i]]))) is not None: heapq.heappush(heap, (rank, i))
+        if left[i] >= 0 and (rank := rank_of((ids[left[i]], ids[i]))) is not None: heapq.heappush(heap, rank * n + left[i])
+        if right[i] < n and (rank := rank_of((ids[i], ids[right[i]]))) is not None: heapq.heappush(heap, rank * n + i)
     return [token for token, kept in zip(ids, alive) if kept]
 
 @patch
@@ -306,9 +307,15 @@ def rank_bpe(
     token:bytes, # the bytes to split
     ranks:dict[bytes, int], # mergeable bytes -> rank
     max_rank:int, # only merges with a rank below this are used
+    rank_bytes:list[bytes]|None=None, # rank_bytes[rank]: the bytes with that rank (lets long tokens use the heap)
 ) -> list[bytes]:
     "tiktoken's rule: repeatedly join the adjacent pair whose concatenation has the lowest rank."
     parts = [token[i:i + 1] for i in range(len(token))]
+    if len(parts) > LONG_CHUNK and rank_bytes is not None:          # the same rule in O(n log n)
+        def rank_of(pair):
+            rank = ranks.get(pair[0] + pair[1])
+            return rank if rank is not None and rank < max_rank else None
+        return bpe_merge_heap(parts, rank_of, rank_bytes)
     while len(parts) > 1:
         best_rank, best_i = max_rank, -1
         for i in range(len(parts) - 1):
@@ -327,9 +334,10 @@ def tiktoken_ranks(self:BPETokenizer) -> tuple[dict[bytes, int], list[int], bool
         ranks.setdefault(self.vocab[merged_id], 256 + rank)
         rank_to_id.append(merged_id)
     consistent = len(ranks) == len(rank_to_id)                  # no two merges make the same bytes
+    rank_bytes = list(ranks)                                    # when consistent, in rank order: rank -> bytes
     for rank, (a, b) in enumerate(self.merges):
         if not consistent: break
-        consistent = rank_bpe(self.vocab[a] + self.vocab[b], ranks, 256 + rank) == [self.vocab[a], self.vocab[b]]
+        consistent = rank_bpe(self.vocab[a] + self.vocab[b], ranks, 256 + rank, rank_bytes) == [self.vocab[a], self.vocab[b]]
     return ranks, rank_to_id, consistent
 
 # %% ../../nbs/21_bpe_tokenizer.ipynb #a78b67fb
