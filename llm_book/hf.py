@@ -15,7 +15,7 @@ from .core.gelu import GELU
 from .models.gpt import GPT, GPT2
 from .models.llama import Llama
 from .models.mistral import Mistral
-from .tokenizers.base_tokenizer import BaseTokenizer
+from .tokenizers.base_tokenizer import BaseTokenizer, current_umask
 
 # %% auto #0
 __all__ = ['ARCHITECTURES', 'architecture_of', 'unsupported_hf_settings', 'config_from_hf', 'config_to_hf', 'hf_name_table',
@@ -371,12 +371,6 @@ def to_hf(model: nn.Module, # an llm_book GPT, GPT2, Llama or Mistral
     hf_model.load_state_dict(hf_state_dict)
     return hf_model.eval()
 
-def _umask() -> int:
-    "The process's file-creation mask (reading it means setting it, so it is set straight back)."
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
 def save_hf(model: nn.Module, # an llm_book GPT, GPT2, Llama or Mistral
             path: str|Path, # directory to write (created if needed)
             **config_overrides, # extra 🤗 config fields, e.g. `eos_token_id=2`
@@ -385,7 +379,7 @@ def save_hf(model: nn.Module, # an llm_book GPT, GPT2, Llama or Mistral
     path = Path(path)
     to_hf(model, **config_overrides).save_pretrained(path, safe_serialization=True)
     # safetensors creates its files with mode 0600 whatever the umask: give them the mode any other new file gets
-    for weights in path.glob("model*.safetensors"): weights.chmod(0o666 & ~_umask())   # model.safetensors or its shards
+    for weights in path.glob("model*.safetensors"): weights.chmod(0o666 & ~current_umask())   # model.safetensors or its shards
     return path
 
 # %% ../nbs/40_hf.ipynb #888e63c6

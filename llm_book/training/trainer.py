@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data._utils.collate import default_collate
 from tqdm import tqdm
 
+from ..tokenizers.base_tokenizer import current_umask   # one umask reader for every file the book writes
 from .optimizer import configure_optimizer
 from .scheduler import get_scheduler
 
@@ -83,8 +84,7 @@ CHECKPOINT_FORMAT = "llm_book-trainer-checkpoint/1"
 
 def user_file_mode() -> int:
     "The permission bits a new file gets under this process's umask (`0o644` for the usual umask `0o022`)."
-    umask = os.umask(0o022); os.umask(umask)   # reading the umask means setting it; put it straight back
-    return 0o666 & ~umask
+    return 0o666 & ~current_umask()
 
 def atomic_save_safetensors(tensors:dict, # name -> tensor
                             metadata:dict, # name -> str
