@@ -244,3 +244,15 @@ def test_rope_scaling_config_round_trips_through_json():
     given["factor"] = 2.0                                                         # the config holds its own copy
     assert config.rope_scaling["factor"] == 8.0
     assert check_rope_scaling(TINY_SCALING) == TINY_SCALING
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen3"])
+def test_rope_scaling_converts_for_every_rope_architecture(arch):
+    "`rope_scaling` is a RoPE setting, not a Llama one: Mistral and Qwen3 carry it to Transformers and back too."
+    model = random_model(arch, **LLAMA3)
+    hf_model = to_hf(model)
+    assert hf_model.config.rope_parameters["rope_type"] == "llama3"
+    input_ids, mask = batch(40)
+    assert logits_max_diff(model, hf_model, input_ids, mask) < TOL
+    back = from_hf(hf_model)
+    assert back.config == model.config and logits_max_diff(back, hf_model, input_ids, mask) < TOL
