@@ -15,7 +15,10 @@ from .core.gelu import GELU
 from .models.gpt import GPT, GPT2
 from .models.llama import Llama
 from .models.mistral import Mistral
+from .models.qwen3 import Qwen3
+from .core.rope_scaling import check_rope_scaling
 from .tokenizers.base_tokenizer import BaseTokenizer, current_umask
+
 
 # %% auto #0
 __all__ = ['ARCHITECTURES', 'architecture_of', 'unsupported_hf_settings', 'config_from_hf', 'config_to_hf', 'hf_name_table',
@@ -28,11 +31,12 @@ ARCHITECTURES = {  # llm_book architecture name -> (our model class, 🤗 model_
     "gpt2": (GPT2, "gpt2"),
     "llama": (Llama, "llama"),
     "mistral": (Mistral, "mistral"),
+    "qwen3": (Qwen3, "qwen3"),
 }
 
 def architecture_of(model: nn.Module) -> str:
     "The architecture name (`gpt`, `gpt2`, `llama`, `mistral`) of one of our models."
-    for arch in ("mistral", "llama", "gpt2", "gpt"):  # Mistral subclasses Llama, GPT2 GPT: most specific first
+    for arch in ("qwen3", "mistral", "llama", "gpt2", "gpt"):  # Qwen3, Mistral subclass Llama, GPT2 GPT: most specific first
         if isinstance(model, ARCHITECTURES[arch][0]): return arch
     raise ValueError(f"model is a {type(model).__name__}; expected one of GPT, GPT2, Llama, Mistral")
 
@@ -48,6 +52,11 @@ def _rope_parameters(hf_config) -> dict:
     params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
     params.setdefault("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0))
     return params
+
+def _llama3_scaling(rope:dict) -> dict:
+    "Our `rope_scaling` entry from 🤗 `rope_parameters` of type 'llama3' (the keys chapter 13 needs)."
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    return dict(rope_type="llama3", **{key: rope[key] for key in keys if key in rope})
 
 def unsupported_hf_settings(hf_config) -> list[str]:
     "Every setting of a 🤗 config that changes what the model computes in a way llm_book's models cannot."
@@ -70,10 +79,14 @@ def unsupported_hf_settings(hf_config) -> list[str]:
             refuse("activation_function", get("activation_function"), f"llm_book's GPT-2 uses the tanh GELU, one of {_TANH_GELUS}")
         if get("add_cross_attention", False):
             refuse("add_cross_attention", True, "llm_book's GPT-2 is decoder-only, with no cross-attention")
-    elif model_type in ("llama", "mistral"):
+    elif model_type in ("llama", "mistral", "qwen3"):
         rope = _rope_parameters(hf_config)
-        if rope.get("rope_type", "default") != "default":
-            refuse("rope_parameters['rope_type']", rope["rope_type"], "llm_book implements only the original ('default') RoPE, no scaling")
+        if rope.get("rope_type", "default") not in ("default", "llama3"):
+            refuse("rope_parameters['rope_type']", rope["rope_type"],
+                   "llm_book implements the original ('default') RoPE and Llama 3's scaling ('llama3'), no other")
+        elif rope.get("rope_type") == "llama3":
+            try: check_rope_scaling(_llama3_scaling(rope))
+            except ValueError as e: refuse("rope_parameters", rope, str(e))
         if rope["partial_rotary_factor"] not in (None, 1, 1.0):
             refuse("partial_rotary_factor", rope["partial_rotary_factor"], "llm_book rotates every dimension of each head")
         if get("hidden_act", "silu") not in ("silu", "swish"):
@@ -84,6 +97,10 @@ def unsupported_hf_settings(hf_config) -> list[str]:
             if get("sliding_window") is not None:
                 refuse("sliding_window", get("sliding_window"),
                        "Transformers' Llama ignores it, llm_book's Llama has no window: remove it, or use model_type 'mistral'")
+        elif model_type == "qwen3":
+            if get("sliding_window") is not None or "sliding_attention" in (get("layer_types") or ()):
+                refuse("use_sliding_window/sliding_window", (get("use_sliding_window"), get("sliding_window")),
+                       "llm_book's Qwen3 has full attention in every layer")
         else:
             if get("use_sliding_window") is False and get("sliding_window") is not None:
                 refuse("use_sliding_window", False, f"Transformers' Mistral ignores it and applies sliding_window="
@@ -96,8 +113,8 @@ def unsupported_hf_settings(hf_config) -> list[str]:
 def config_from_hf(hf_config) -> dict:
     "Our config dict (with its `architecture`) for a 🤗 `OpenAIGPTConfig`, `GPT2Config`, `LlamaConfig` or `MistralConfig`."
     model_type = getattr(hf_config, "model_type", None)
-    if model_type not in ("openai-gpt", "gpt2", "llama", "mistral"):
-        raise ValueError(f"hf_config has model_type {model_type!r}; expected 'openai-gpt', 'gpt2', 'llama' or 'mistral'")
+    if model_type not in ("openai-gpt", "gpt2", "llama", "mistral", "qwen3"):
+        raise ValueError(f"hf_config has model_type {model_type!r}; expected 'openai-gpt', 'gpt2', 'llama', 'mistral' or 'qwen3'")
     problems = unsupported_hf_settings(hf_config)
     if problems: raise ValueError(f"hf_config ({model_type}) has settings llm_book cannot reproduce: " + "; ".join(problems))
     if model_type == "openai-gpt":   # post-LN blocks, no final norm, an MLP always 4 × n_embd wide
@@ -120,11 +137,14 @@ def config_from_hf(hf_config) -> dict:
         num_layers=hf_config.num_hidden_layers, hidden_dim=hf_config.intermediate_size,
         max_position_embeddings=hf_config.max_position_embeddings, rope_base=float(_rope_parameters(hf_config)["rope_theta"]),
         norm_eps=hf_config.rms_norm_eps, dropout=hf_config.attention_dropout,
-        # Transformers' Mistral has no biases whatever its config says; its Llama has `attention_bias` = `mlp_bias`
-        bias=bool(getattr(hf_config, "attention_bias", False)) and model_type == "llama",
+        # Transformers' Mistral has no biases whatever its config says; its Llama has `attention_bias` = `mlp_bias`;
+        # its Qwen3 has `attention_bias` on the attention only (never on the MLP), as our Qwen3's `bias`
+        bias=bool(getattr(hf_config, "attention_bias", False)) and model_type in ("llama", "qwen3"),
         tie_word_embeddings=hf_config.tie_word_embeddings)
     if head_dim * hf_config.num_attention_heads != hf_config.hidden_size: config["head_dim"] = head_dim
     if model_type == "mistral": config["window_size"] = hf_config.sliding_window
+    rope = _rope_parameters(hf_config)
+    if rope.get("rope_type") == "llama3": config["rope_scaling"] = _llama3_scaling(rope)
     return config
 
 # %% ../nbs/40_hf.ipynb #51ba0f01
@@ -133,8 +153,8 @@ def config_to_hf(config: dict, # an llm_book config dict (`llm_book.models.confi
     "The 🤗 config (`OpenAIGPTConfig`, `GPT2Config`, `LlamaConfig` or `MistralConfig`) for one of our configs."
     import transformers
     c, arch = config, config.get("architecture")
-    if arch not in ("gpt", "gpt2", "llama", "mistral"):
-        raise ValueError(f"config architecture is {arch!r}; expected 'gpt', 'gpt2', 'llama' or 'mistral'")
+    if arch not in ("gpt", "gpt2", "llama", "mistral", "qwen3"):
+        raise ValueError(f"config architecture is {arch!r}; expected 'gpt', 'gpt2', 'llama', 'mistral' or 'qwen3'")
     # settings of ours that the 🤗 class cannot express
     problems = []
     head_dim = c.get("head_dim") or c["embed_dim"] // c["num_heads"]
@@ -151,7 +171,7 @@ def config_to_hf(config: dict, # an llm_book config dict (`llm_book.models.confi
         problems.append(f"hidden_dim={c['hidden_dim']} (Transformers' OpenAI GPT's MLP is 4 × embed_dim wide)")
     if arch == "mistral" and c.get("bias", False):
         problems.append("bias=True (Transformers' Mistral has no biases)")
-    if arch == "llama" and c.get("window_size") is not None:
+    if arch in ("llama", "qwen3") and c.get("window_size") is not None:
         problems.append(f"window_size={c['window_size']} (Transformers' Llama has no sliding window: use Mistral)")
     if problems: raise ValueError(f"config ({arch}) has settings Transformers cannot reproduce: " + "; ".join(problems))
     if arch == "gpt":
@@ -169,16 +189,18 @@ def config_to_hf(config: dict, # an llm_book config dict (`llm_book.models.confi
                       embd_pdrop=c.get("dropout", 0.0), attn_pdrop=c.get("dropout", 0.0),
                       tie_word_embeddings=c.get("tie_word_embeddings", True), bos_token_id=None, eos_token_id=None)
     else:
-        hf_class = transformers.LlamaConfig if arch == "llama" else transformers.MistralConfig
+        hf_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig, "qwen3": transformers.Qwen3Config}[arch]
         fields = dict(vocab_size=c["vocab_size"], hidden_size=c["embed_dim"], num_attention_heads=c["num_heads"],
                       num_key_value_heads=c.get("num_kv_heads") or c["num_heads"],
                       head_dim=head_dim, num_hidden_layers=c["num_layers"],
                       intermediate_size=c["hidden_dim"], max_position_embeddings=c["max_position_embeddings"],
                       rms_norm_eps=c.get("norm_eps", 1e-6), hidden_act="silu",
-                      rope_parameters=dict(rope_type="default", rope_theta=float(c.get("rope_base", 10000.0))),
+                      rope_parameters=dict(rope_type="default", rope_theta=float(c.get("rope_base", 10000.0)))
+                                      | (c.get("rope_scaling") or {}),
                       attention_dropout=c.get("dropout", 0.0), tie_word_embeddings=c.get("tie_word_embeddings", False),
                       bos_token_id=None, eos_token_id=None)
         if arch == "llama": fields |= dict(attention_bias=c.get("bias", False), mlp_bias=c.get("bias", False))
+        elif arch == "qwen3": fields |= dict(attention_bias=c.get("bias", False), use_sliding_window=False)
         else: fields |= dict(sliding_window=c.get("window_size"))
     hf_config = hf_class(**(fields | overrides))
     if overrides:  # metadata (token ids, names) is welcome; a change to what the model computes is not
@@ -211,7 +233,7 @@ def hf_name_table(arch: str, # `gpt`, `gpt2`, `llama` or `mistral`
         if arch == "gpt2":
             table["final_norm.weight"] = (["transformer.ln_f.weight"], False)
             table["final_norm.bias"] = (["transformer.ln_f.bias"], False)
-    elif arch in ("llama", "mistral"):
+    elif arch in ("llama", "mistral", "qwen3"):
         table["token_embeddings.embedding.weight"] = (["model.embed_tokens.weight"], False)
         for i in range(num_layers):
             ours, hf = f"layers.{i}.", f"model.layers.{i}."
@@ -222,11 +244,15 @@ def hf_name_table(arch: str, # `gpt`, `gpt2`, `llama` or `mistral`
                        ("feed_forward.gate_up_proj", ["mlp.gate_proj", "mlp.up_proj"]),
                        ("feed_forward.down_proj", ["mlp.down_proj"])]
             for our_part, hf_parts in linears:
-                for kind in (["weight", "bias"] if bias else ["weight"]):
+                has_bias = bias and not (arch == "qwen3" and our_part.startswith("feed_forward"))  # Qwen3's MLP: none
+                for kind in (["weight", "bias"] if has_bias else ["weight"]):
                     table[f"{ours}{our_part}.{kind}"] = ([f"{hf}{p}.{kind}" for p in hf_parts], False)
+            if arch == "qwen3":   # QK-norm (chapter 14)
+                for which in ("q", "k"):
+                    table[f"{ours}attention.qk_norm.{which}_norm.weight"] = ([f"{hf}self_attn.{which}_norm.weight"], False)
         table["final_norm.weight"] = (["model.norm.weight"], False)
     else:
-        raise ValueError(f"arch is {arch!r}; expected 'gpt', 'gpt2', 'llama' or 'mistral'")
+        raise ValueError(f"arch is {arch!r}; expected 'gpt', 'gpt2', 'llama', 'mistral' or 'qwen3'")
     table["lm_head.weight"] = (["lm_head.weight"], False)
     return table
 
@@ -258,7 +284,7 @@ def state_dict_from_hf(hf_state_dict: dict, # 🤗 names -> tensors
                       ) -> dict:
     "Rename, transpose and fuse a 🤗 state dict into llm_book names."
     arch = config["architecture"]
-    table = hf_name_table(arch, config["num_layers"], bias=config.get("bias", False) and arch in ("llama", "mistral"))
+    table = hf_name_table(arch, config["num_layers"], bias=config.get("bias", False) and arch in ("llama", "mistral", "qwen3"))
     hf_state_dict = {n: t for n, t in hf_state_dict.items() if not n.endswith(_HF_IGNORED_SUFFIXES)}
     if config.get("tie_word_embeddings") and "lm_head.weight" not in hf_state_dict:
         hf_state_dict["lm_head.weight"] = hf_state_dict.get(table["token_embeddings.embedding.weight"][0][0])
@@ -277,7 +303,7 @@ def state_dict_to_hf(state_dict: dict, # llm_book names -> tensors
                     ) -> dict:
     "Rename, transpose and split an llm_book state dict into 🤗 names."
     arch = config["architecture"]
-    table = hf_name_table(arch, config["num_layers"], bias=config.get("bias", False) and arch in ("llama", "mistral"))
+    table = hf_name_table(arch, config["num_layers"], bias=config.get("bias", False) and arch in ("llama", "mistral", "qwen3"))
     check_state_dict(state_dict, {n: state_dict[n] for n in table if n in state_dict} |
                      {n: () for n in table if n not in state_dict}, what="state_dict")
     out = {}
@@ -353,7 +379,7 @@ def _hf_model_class(arch: str):
     "The Transformers `*ForCausalLM` class of an architecture."
     import transformers
     return {"gpt": transformers.OpenAIGPTLMHeadModel, "gpt2": transformers.GPT2LMHeadModel, "llama": transformers.LlamaForCausalLM,
-            "mistral": transformers.MistralForCausalLM}[arch]
+            "mistral": transformers.MistralForCausalLM, "qwen3": transformers.Qwen3ForCausalLM}[arch]
 
 def to_hf(model: nn.Module, # an llm_book GPT, GPT2, Llama or Mistral
           **config_overrides, # extra 🤗 config fields, e.g. `eos_token_id=2`

@@ -12,13 +12,14 @@ from dataclasses import dataclass, fields
 from fastcore.basics import patch
 
 from .swi_glu import swiglu_hidden_dim
+from .rope_scaling import check_rope_scaling
 
 # %% auto #0
 __all__ = ['ARCHITECTURES', 'ROPE_ARCHITECTURES', 'REQUIRED_KEYS', 'CONFIG_KEYS', 'ModelConfig']
 
 # %% ../../nbs/07a_config.ipynb #70a4b05f
-ARCHITECTURES = ("gpt", "gpt2", "llama", "mistral")
-ROPE_ARCHITECTURES = ("llama", "mistral")    # rotary positions, RMSNorm, SwiGLU, grouped-query attention
+ARCHITECTURES = ("gpt", "gpt2", "llama", "mistral", "qwen3")
+ROPE_ARCHITECTURES = ("llama", "mistral", "qwen3")    # rotary positions, RMSNorm, SwiGLU, grouped-query attention
 REQUIRED_KEYS = ("vocab_size", "embed_dim", "num_heads", "num_layers", "max_position_embeddings")
 
 # %% ../../nbs/07a_config.ipynb #27717d25
@@ -30,7 +31,7 @@ class ModelConfig(Mapping):
     num_heads:int # H, query heads
     num_layers:int # L, decoder blocks
     max_position_embeddings:int # P, learned positions (GPT) or the context trained on (RoPE)
-    architecture:str="gpt2" # "gpt", "gpt2", "llama" or "mistral"
+    architecture:str="gpt2" # "gpt", "gpt2", "llama", "mistral" or "qwen3"
     dropout:float=0.0 # dropout probability while training, in [0, 1)
     hidden_dim:int|None=None # feed-forward width F (None: 4C for GPT; swiglu_hidden_dim(C) for LLaMA)
     norm_eps:float=1e-5 # epsilon of LayerNorm / RMSNorm, > 0
@@ -40,6 +41,7 @@ class ModelConfig(Mapping):
     head_dim:int|None=None # d_h, features per head (None: C // H)
     rope_base:float|None=None # RoPE's base (None: 10000.0); RoPE models only
     window_size:int|None=None # sliding-window span W (None: full causal); Mistral only
+    rope_scaling:dict|None=None # RoPE frequency scaling, e.g. Llama 3's {"rope_type": "llama3", ...} (chapter 13); RoPE models only
 
     def __post_init__(self):
         self._check()
@@ -50,6 +52,7 @@ class ModelConfig(Mapping):
         if self.tie_word_embeddings is None: self.tie_word_embeddings = not uses_rope
         if self.bias is None: self.bias = not uses_rope
         if self.rope_base is None and uses_rope: self.rope_base = 10000.0
+        if self.rope_scaling is not None: self.rope_scaling = check_rope_scaling(self.rope_scaling)  # a checked copy
 
     # a read-only mapping of the keys that apply (see `to_dict`): config["embed_dim"], dict(config), config.get(...)
     def __getitem__(self, key): return self.to_dict()[key]
@@ -102,9 +105,9 @@ def _check_rope(self:ModelConfig):
         raise ValueError(f"config['head_dim'] must be even for RoPE (features rotate in pairs), got {head_dim}")
     if self.rope_base is not None and (not _is_number(self.rope_base) or not self.rope_base > 0):
         raise ValueError(f"config['rope_base'] must be a number > 0, got {self.rope_base!r}")
-    if self.architecture == "llama" and self.window_size is not None:
+    if self.architecture != "mistral" and self.window_size is not None:
         raise ValueError(f"config['window_size'] {self.window_size} is for architecture 'mistral'; "
-                         "llama has no sliding window (use Mistral)")
+                         f"{self.architecture} has no sliding window (use Mistral)")
 
 @patch
 def _check_gpt(self:ModelConfig):
@@ -114,16 +117,17 @@ def _check_gpt(self:ModelConfig):
                          f"{self.architecture!r} (every head has its own keys); use 'llama' or 'mistral'")
     if self.window_size is not None:
         raise ValueError(f"config['window_size'] is not supported by architecture {self.architecture!r}; use 'mistral'")
-    if self.rope_base is not None:
-        raise ValueError(f"config['rope_base'] is not supported by architecture {self.architecture!r} "
-                         "(learned positions, no RoPE)")
+    for key in ("rope_base", "rope_scaling"):
+        if getattr(self, key) is not None:
+            raise ValueError(f"config[{key!r}] is not supported by architecture {self.architecture!r} "
+                             "(learned positions, no RoPE)")
     if self.head_dim is not None and self.head_dim * self.num_heads != self.embed_dim:
         raise ValueError(f"config['head_dim'] {self.head_dim} is not supported by architecture {self.architecture!r}: "
                          f"its heads split embed_dim, so head_dim is embed_dim // num_heads = {self.embed_dim // self.num_heads}")
 
 # %% ../../nbs/07a_config.ipynb #df69aa03
 CONFIG_KEYS = tuple(f.name for f in fields(ModelConfig))
-_ROPE_ONLY = ("num_kv_heads", "head_dim", "rope_base", "window_size")
+_ROPE_ONLY = ("num_kv_heads", "head_dim", "rope_base", "window_size", "rope_scaling")
 
 @patch(cls_method=True)
 def from_dict(cls:ModelConfig, config:Mapping, # a plain dict (or a ModelConfig)

@@ -18,6 +18,9 @@ _GPT2 = dict(architecture="gpt2", vocab_size=50257, max_position_embeddings=1024
 _LLAMA = dict(architecture="llama", vocab_size=32000, dropout=0.0, rope_base=10000.0, norm_eps=1e-5,
               tie_word_embeddings=False, bias=False)
 
+_QWEN3 = dict(architecture="qwen3", vocab_size=151936, num_kv_heads=8, head_dim=128, max_position_embeddings=40960,
+              rope_base=1000000.0, norm_eps=1e-6, dropout=0.0, tie_word_embeddings=True, bias=False)
+
 PRESETS = {
     # the original GPT (Radford et al. 2018): post-LN, 512 learned positions, a 40478-token BPE vocabulary
     "gpt": dict(architecture="gpt", vocab_size=40478, embed_dim=768, num_heads=12, num_layers=12,
@@ -36,6 +39,14 @@ PRESETS = {
     "smollm2-135m": dict(_LLAMA, vocab_size=49152, embed_dim=576, num_heads=9, num_kv_heads=3, num_layers=30,
                          hidden_dim=1536, max_position_embeddings=8192, rope_base=100000.0,
                          tie_word_embeddings=True),
+    # Llama 3.2 1B (Meta, 2024): GQA, tied embeddings, RoPE base 500 000 with Llama 3's scaling (chapter 13)
+    "llama-3.2-1b": dict(_LLAMA, vocab_size=128256, embed_dim=2048, num_heads=32, num_kv_heads=8, num_layers=16,
+                         hidden_dim=8192, max_position_embeddings=131072, rope_base=500000.0, tie_word_embeddings=True,
+                         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                           original_max_position_embeddings=8192)),
+    # Qwen3 (Alibaba, 2025): QK-norm, head_dim 128 whatever the width (chapter 14)
+    "qwen3-0.6b": dict(_QWEN3, embed_dim=1024, num_heads=16, num_layers=28, hidden_dim=3072),
+    "qwen3-4b": dict(_QWEN3, embed_dim=2560, num_heads=32, num_layers=36, hidden_dim=9728),
     # tiny models for tests and for training in seconds
     "gpt-tiny": dict(architecture="gpt", vocab_size=128, embed_dim=32, num_heads=4, num_layers=2,
                      max_position_embeddings=64, dropout=0.0, hidden_dim=128, norm_eps=1e-5,
@@ -46,6 +57,8 @@ PRESETS = {
                        hidden_dim=64, max_position_embeddings=64),
     "mistral-tiny": dict(_LLAMA, architecture="mistral", vocab_size=128, embed_dim=32, num_heads=4,
                          num_kv_heads=2, num_layers=2, hidden_dim=64, max_position_embeddings=256, window_size=8),
+    "qwen3-tiny": dict(_QWEN3, vocab_size=128, embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=16, num_layers=2,
+                       hidden_dim=64, max_position_embeddings=64, tie_word_embeddings=False),
 }
 
 # %% ../../nbs/09d_configs.ipynb #98a9484d
@@ -76,10 +89,12 @@ def count_parameters(config:dict, # a model config (dict or `ModelConfig`)
     "Parameters of the model `config` describes (tied weights counted once)."
     c = ModelConfig.from_dict(config)
     C, V, L, H, KVH, hd, F = c.embed_dim, c.vocab_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_dim
-    uses_swiglu = c.architecture in ("llama", "mistral")
+    uses_swiglu = c.architecture in ("llama", "mistral", "qwen3")
     qkv_dim = (H + 2 * KVH) * hd
     attention = C * qkv_dim + H * hd * C + c.bias * (qkv_dim + C)
-    if uses_swiglu: feed_forward = 3 * C * F + c.bias * (2 * F + C)
+    if c.architecture == "qwen3": attention += 2 * hd      # QK-norm: an RMSNorm weight for q and one for k (chapter 14)
+    if c.architecture == "qwen3": feed_forward = 3 * C * F  # Qwen3's `bias` is the attention's; its SwiGLU has none
+    elif uses_swiglu: feed_forward = 3 * C * F + c.bias * (2 * F + C)
     else:           feed_forward = 2 * C * F + c.bias * (F + C)
     norm = C if uses_swiglu else 2 * C                     # RMSNorm: weight; LayerNorm: weight and bias
     block = attention + feed_forward + 2 * norm
