@@ -15,6 +15,7 @@ from .core.gelu import GELU
 from .models.gpt import GPT, GPT2
 from .models.llama import Llama
 from .models.mistral import Mistral
+from .models.mixtral import Mixtral
 from .tokenizers.base_tokenizer import BaseTokenizer
 
 # %% auto #0
@@ -28,13 +29,15 @@ ARCHITECTURES = {  # llm_book architecture name -> (our model class, 🤗 model_
     "gpt2": (GPT2, "gpt2"),
     "llama": (Llama, "llama"),
     "mistral": (Mistral, "mistral"),
+    "mixtral": (Mixtral, "mixtral"),
 }
 
 def architecture_of(model: nn.Module) -> str:
     "The architecture name (`gpt`, `gpt2`, `llama`, `mistral`) of one of our models."
-    for arch in ("mistral", "llama", "gpt2", "gpt"):  # Mistral subclasses Llama, GPT2 GPT: most specific first
+    if getattr(model, "architecture", None) in ARCHITECTURES: return model.architecture   # each model class names its own
+    for arch in ("mixtral", "mistral", "llama", "gpt2", "gpt"):  # Mixtral subclasses Mistral, Mistral Llama: most specific first
         if isinstance(model, ARCHITECTURES[arch][0]): return arch
-    raise ValueError(f"model is a {type(model).__name__}; expected one of GPT, GPT2, Llama, Mistral")
+    raise ValueError(f"model is a {type(model).__name__}; expected one of {', '.join(c.__name__ for c, _ in ARCHITECTURES.values())}")
 
 # %% ../nbs/40_hf.ipynb #127f5a02
 # Activation names Transformers resolves to the tanh GELU 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), llm_book's GPT-2 one
@@ -70,7 +73,7 @@ def unsupported_hf_settings(hf_config) -> list[str]:
             refuse("activation_function", get("activation_function"), f"llm_book's GPT-2 uses the tanh GELU, one of {_TANH_GELUS}")
         if get("add_cross_attention", False):
             refuse("add_cross_attention", True, "llm_book's GPT-2 is decoder-only, with no cross-attention")
-    elif model_type in ("llama", "mistral"):
+    elif model_type in ("llama", "mistral", "mixtral"):
         rope = _rope_parameters(hf_config)
         if rope.get("rope_type", "default") != "default":
             refuse("rope_parameters['rope_type']", rope["rope_type"], "llm_book implements only the original ('default') RoPE, no scaling")
@@ -88,6 +91,8 @@ def unsupported_hf_settings(hf_config) -> list[str]:
             if get("use_sliding_window") is False and get("sliding_window") is not None:
                 refuse("use_sliding_window", False, f"Transformers' Mistral ignores it and applies sliding_window="
                        f"{get('sliding_window')} anyway: set sliding_window to None for full attention")
+            if model_type == "mixtral" and get("router_jitter_noise", 0.0):
+                refuse("router_jitter_noise", get("router_jitter_noise"), "llm_book's Mixtral routes without training-time noise")
             if len(set(get("layer_types") or ())) > 1:
                 refuse("layer_types", get("layer_types"), "Transformers' Mistral ignores per-layer attention types, "
                        "llm_book's Mistral has one window for every layer")
@@ -96,8 +101,8 @@ def unsupported_hf_settings(hf_config) -> list[str]:
 def config_from_hf(hf_config) -> dict:
     "Our config dict (with its `architecture`) for a 🤗 `OpenAIGPTConfig`, `GPT2Config`, `LlamaConfig` or `MistralConfig`."
     model_type = getattr(hf_config, "model_type", None)
-    if model_type not in ("openai-gpt", "gpt2", "llama", "mistral"):
-        raise ValueError(f"hf_config has model_type {model_type!r}; expected 'openai-gpt', 'gpt2', 'llama' or 'mistral'")
+    if model_type not in ("openai-gpt", "gpt2", "llama", "mistral", "mixtral"):
+        raise ValueError(f"hf_config has model_type {model_type!r}; expected 'openai-gpt', 'gpt2', 'llama', 'mistral' or 'mixtral'")
     problems = unsupported_hf_settings(hf_config)
     if problems: raise ValueError(f"hf_config ({model_type}) has settings llm_book cannot reproduce: " + "; ".join(problems))
     if model_type == "openai-gpt":   # post-LN blocks, no final norm, an MLP always 4 × n_embd wide
@@ -124,7 +129,10 @@ def config_from_hf(hf_config) -> dict:
         bias=bool(getattr(hf_config, "attention_bias", False)) and model_type == "llama",
         tie_word_embeddings=hf_config.tie_word_embeddings)
     if head_dim * hf_config.num_attention_heads != hf_config.hidden_size: config["head_dim"] = head_dim
-    if model_type == "mistral": config["window_size"] = hf_config.sliding_window
+    if model_type in ("mistral", "mixtral"): config["window_size"] = hf_config.sliding_window
+    if model_type == "mixtral":
+        config |= dict(num_experts=hf_config.num_local_experts, num_experts_per_tok=hf_config.num_experts_per_tok,
+                       router_aux_loss_coef=float(hf_config.router_aux_loss_coef))
     return config
 
 # %% ../nbs/40_hf.ipynb #51ba0f01
@@ -133,8 +141,8 @@ def config_to_hf(config: dict, # an llm_book config dict (`llm_book.models.confi
     "The 🤗 config (`OpenAIGPTConfig`, `GPT2Config`, `LlamaConfig` or `MistralConfig`) for one of our configs."
     import transformers
     c, arch = config, config.get("architecture")
-    if arch not in ("gpt", "gpt2", "llama", "mistral"):
-        raise ValueError(f"config architecture is {arch!r}; expected 'gpt', 'gpt2', 'llama' or 'mistral'")
+    if arch not in ("gpt", "gpt2", "llama", "mistral", "mixtral"):
+        raise ValueError(f"config architecture is {arch!r}; expected 'gpt', 'gpt2', 'llama', 'mistral' or 'mixtral'")
     # settings of ours that the 🤗 class cannot express
     problems = []
     head_dim = c.get("head_dim") or c["embed_dim"] // c["num_heads"]
@@ -149,8 +157,8 @@ def config_to_hf(config: dict, # an llm_book config dict (`llm_book.models.confi
             problems.append(f"head_dim={head_dim} (Transformers' {name} needs head_dim = embed_dim / num_heads)")
     if arch == "gpt" and c.get("hidden_dim") not in (None, 4 * c["embed_dim"]):
         problems.append(f"hidden_dim={c['hidden_dim']} (Transformers' OpenAI GPT's MLP is 4 × embed_dim wide)")
-    if arch == "mistral" and c.get("bias", False):
-        problems.append("bias=True (Transformers' Mistral has no biases)")
+    if arch in ("mistral", "mixtral") and c.get("bias", False):
+        problems.append(f"bias=True (Transformers' {arch.capitalize()} has no biases)")
     if arch == "llama" and c.get("window_size") is not None:
         problems.append(f"window_size={c['window_size']} (Transformers' Llama has no sliding window: use Mistral)")
     if problems: raise ValueError(f"config ({arch}) has settings Transformers cannot reproduce: " + "; ".join(problems))
@@ -169,7 +177,8 @@ def config_to_hf(config: dict, # an llm_book config dict (`llm_book.models.confi
                       embd_pdrop=c.get("dropout", 0.0), attn_pdrop=c.get("dropout", 0.0),
                       tie_word_embeddings=c.get("tie_word_embeddings", True), bos_token_id=None, eos_token_id=None)
     else:
-        hf_class = transformers.LlamaConfig if arch == "llama" else transformers.MistralConfig
+        hf_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+                    "mixtral": transformers.MixtralConfig}[arch]
         fields = dict(vocab_size=c["vocab_size"], hidden_size=c["embed_dim"], num_attention_heads=c["num_heads"],
                       num_key_value_heads=c.get("num_kv_heads") or c["num_heads"],
                       head_dim=head_dim, num_hidden_layers=c["num_layers"],
@@ -180,6 +189,9 @@ def config_to_hf(config: dict, # an llm_book config dict (`llm_book.models.confi
                       bos_token_id=None, eos_token_id=None)
         if arch == "llama": fields |= dict(attention_bias=c.get("bias", False), mlp_bias=c.get("bias", False))
         else: fields |= dict(sliding_window=c.get("window_size"))
+        if arch == "mixtral":
+            fields |= dict(num_local_experts=c["num_experts"], num_experts_per_tok=c["num_experts_per_tok"],
+                           router_aux_loss_coef=c["router_aux_loss_coef"], router_jitter_noise=0.0)
     hf_config = hf_class(**(fields | overrides))
     if overrides:  # metadata (token ids, names) is welcome; a change to what the model computes is not
         try: with_overrides = config_from_hf(hf_config)
@@ -190,9 +202,10 @@ def config_to_hf(config: dict, # an llm_book config dict (`llm_book.models.confi
     return hf_config
 
 # %% ../nbs/40_hf.ipynb #4e1d8692
-def hf_name_table(arch: str, # `gpt`, `gpt2`, `llama` or `mistral`
+def hf_name_table(arch: str, # `gpt`, `gpt2`, `llama`, `mistral` or `mixtral`
                   num_layers: int, # number of decoder blocks
                   bias: bool=False, # whether LLaMA/Mistral linear layers have biases
+                  num_experts: int=0, # Mixtral: experts per layer
                  ) -> dict[str, tuple[list[str], bool]]:
     "Map each llm_book state-dict name to `(🤗 names fused in order, transposed?)`."
     table = {}
@@ -211,7 +224,7 @@ def hf_name_table(arch: str, # `gpt`, `gpt2`, `llama` or `mistral`
         if arch == "gpt2":
             table["final_norm.weight"] = (["transformer.ln_f.weight"], False)
             table["final_norm.bias"] = (["transformer.ln_f.bias"], False)
-    elif arch in ("llama", "mistral"):
+    elif arch in ("llama", "mistral", "mixtral"):
         table["token_embeddings.embedding.weight"] = (["model.embed_tokens.weight"], False)
         for i in range(num_layers):
             ours, hf = f"layers.{i}.", f"model.layers.{i}."
@@ -221,12 +234,18 @@ def hf_name_table(arch: str, # `gpt`, `gpt2`, `llama` or `mistral`
                        ("attention.out_proj", ["self_attn.o_proj"]),
                        ("feed_forward.gate_up_proj", ["mlp.gate_proj", "mlp.up_proj"]),
                        ("feed_forward.down_proj", ["mlp.down_proj"])]
+            if arch == "mixtral":   # the router, and each expert's slices of 🤗's stacked tensors (`_unstack_experts`)
+                linears = linears[:2]
+                table[f"{ours}feed_forward.router.weight"] = ([f"{hf}mlp.gate.weight"], False)
+                for e in range(num_experts):
+                    for part in ("gate_up_proj", "down_proj"):
+                        table[f"{ours}feed_forward.experts.{e}.{part}.weight"] = ([f"{hf}mlp.experts.{part}.{e}"], False)
             for our_part, hf_parts in linears:
                 for kind in (["weight", "bias"] if bias else ["weight"]):
                     table[f"{ours}{our_part}.{kind}"] = ([f"{hf}{p}.{kind}" for p in hf_parts], False)
         table["final_norm.weight"] = (["model.norm.weight"], False)
     else:
-        raise ValueError(f"arch is {arch!r}; expected 'gpt', 'gpt2', 'llama' or 'mistral'")
+        raise ValueError(f"arch is {arch!r}; expected 'gpt', 'gpt2', 'llama', 'mistral' or 'mixtral'")
     table["lm_head.weight"] = (["lm_head.weight"], False)
     return table
 
@@ -253,13 +272,34 @@ def check_state_dict(state_dict: dict, # the tensors we are about to load
     if problems: raise ValueError(f"{what} does not fit the model; {problems}")
 
 # %% ../nbs/40_hf.ipynb #89690997
+_STACKED_EXPERTS = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")   # Transformers' Mixtral: (E, rows, cols)
+
+def _unstack_experts(hf_state_dict: dict) -> dict:
+    "Transformers' stacked expert tensors (E, rows, cols) as one entry per expert, `<name>.<e>`; the rest unchanged."
+    out = {}
+    for n, t in hf_state_dict.items():
+        if n.endswith(_STACKED_EXPERTS) and len(getattr(t, "shape", t)) == 3:
+            out |= {f"{n}.{e}": t[e] if hasattr(t, "shape") else tuple(t)[1:] for e in range(len(t))}
+        else: out[n] = t
+    return out
+
+def _stack_experts(hf_state_dict: dict) -> dict:
+    "The inverse of `_unstack_experts`: the per-expert entries stacked back into one (E, rows, cols) tensor."
+    out, experts = {}, {}
+    for n, t in hf_state_dict.items():
+        stacked, _, e = n.rpartition(".")
+        if stacked.endswith(_STACKED_EXPERTS): experts.setdefault(stacked, {})[int(e)] = t
+        else: out[n] = t
+    return out | {n: torch.stack([parts[e] for e in range(len(parts))]) for n, parts in experts.items()}
+
 def state_dict_from_hf(hf_state_dict: dict, # 🤗 names -> tensors
                        config: dict, # our config for this model (`config_from_hf`)
                       ) -> dict:
     "Rename, transpose and fuse a 🤗 state dict into llm_book names."
     arch = config["architecture"]
-    table = hf_name_table(arch, config["num_layers"], bias=config.get("bias", False) and arch in ("llama", "mistral"))
-    hf_state_dict = {n: t for n, t in hf_state_dict.items() if not n.endswith(_HF_IGNORED_SUFFIXES)}
+    table = hf_name_table(arch, config["num_layers"], bias=config.get("bias", False) and arch in ("llama", "mistral"),
+                          num_experts=config.get("num_experts") or 0)
+    hf_state_dict = _unstack_experts({n: t for n, t in hf_state_dict.items() if not n.endswith(_HF_IGNORED_SUFFIXES)})
     if config.get("tie_word_embeddings") and "lm_head.weight" not in hf_state_dict:
         hf_state_dict["lm_head.weight"] = hf_state_dict.get(table["token_embeddings.embedding.weight"][0][0])
         if hf_state_dict["lm_head.weight"] is None: del hf_state_dict["lm_head.weight"]
@@ -277,7 +317,9 @@ def state_dict_to_hf(state_dict: dict, # llm_book names -> tensors
                     ) -> dict:
     "Rename, transpose and split an llm_book state dict into 🤗 names."
     arch = config["architecture"]
-    table = hf_name_table(arch, config["num_layers"], bias=config.get("bias", False) and arch in ("llama", "mistral"))
+    table = hf_name_table(arch, config["num_layers"], bias=config.get("bias", False) and arch in ("llama", "mistral"),
+                          num_experts=config.get("num_experts") or 0)
+    hf_expected = _unstack_experts(hf_expected)
     check_state_dict(state_dict, {n: state_dict[n] for n in table if n in state_dict} |
                      {n: () for n in table if n not in state_dict}, what="state_dict")
     out = {}
@@ -288,7 +330,7 @@ def state_dict_to_hf(state_dict: dict, # llm_book names -> tensors
                              f"expected {sum(sizes)} = {' + '.join(map(str, sizes))} for {', '.join(hf_names)}")
         for n, part in zip(hf_names, state_dict[ours].split(sizes, dim=0)):
             out[n] = (part.t() if transposed else part).contiguous()
-    return out
+    return _stack_experts(out)
 
 # %% ../nbs/40_hf.ipynb #6fcd1f76
 def load_state_dict_strict(model: nn.Module, # the receiving model
@@ -353,7 +395,7 @@ def _hf_model_class(arch: str):
     "The Transformers `*ForCausalLM` class of an architecture."
     import transformers
     return {"gpt": transformers.OpenAIGPTLMHeadModel, "gpt2": transformers.GPT2LMHeadModel, "llama": transformers.LlamaForCausalLM,
-            "mistral": transformers.MistralForCausalLM}[arch]
+            "mistral": transformers.MistralForCausalLM, "mixtral": transformers.MixtralForCausalLM}[arch]
 
 def to_hf(model: nn.Module, # an llm_book GPT, GPT2, Llama or Mistral
           **config_overrides, # extra 🤗 config fields, e.g. `eos_token_id=2`
