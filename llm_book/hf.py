@@ -16,6 +16,7 @@ from .models.gpt import GPT, GPT2
 from .models.llama import Llama
 from .models.mistral import Mistral
 from .models.mixtral import Mixtral
+from .models.gemma3 import Gemma3
 from .tokenizers.base_tokenizer import BaseTokenizer
 
 # %% auto #0
@@ -30,12 +31,13 @@ ARCHITECTURES = {  # llm_book architecture name -> (our model class, 🤗 model_
     "llama": (Llama, "llama"),
     "mistral": (Mistral, "mistral"),
     "mixtral": (Mixtral, "mixtral"),
+    "gemma3": (Gemma3, "gemma3_text"),   # Gemma3ForCausalLM with a text-only Gemma3TextConfig
 }
 
 def architecture_of(model: nn.Module) -> str:
     "The architecture name (`gpt`, `gpt2`, `llama`, `mistral`) of one of our models."
     if getattr(model, "architecture", None) in ARCHITECTURES: return model.architecture   # each model class names its own
-    for arch in ("mixtral", "mistral", "llama", "gpt2", "gpt"):  # Mixtral subclasses Mistral, Mistral Llama: most specific first
+    for arch in ("gemma3", "mixtral", "mistral", "llama", "gpt2", "gpt"):  # Mixtral subclasses Mistral, Mistral Llama: most specific first
         if isinstance(model, ARCHITECTURES[arch][0]): return arch
     raise ValueError(f"model is a {type(model).__name__}; expected one of {', '.join(c.__name__ for c, _ in ARCHITECTURES.values())}")
 
@@ -96,13 +98,45 @@ def unsupported_hf_settings(hf_config) -> list[str]:
             if len(set(get("layer_types") or ())) > 1:
                 refuse("layer_types", get("layer_types"), "Transformers' Mistral ignores per-layer attention types, "
                        "llm_book's Mistral has one window for every layer")
+    elif model_type == "gemma3_text": problems += _unsupported_gemma3_settings(hf_config)
+    return problems
+
+def _gemma3_pattern(layer_types) -> int|None:
+    "The p for which layer i is global iff (i + 1) % p == 0 (Gemma 3: p = 6), or None if `layer_types` follows no such p."
+    for p in range(1, len(layer_types) + 2):
+        if list(layer_types) == ["full_attention" if (i + 1) % p == 0 else "sliding_attention" for i in range(len(layer_types))]:
+            return p
+    return None
+
+def _unsupported_gemma3_settings(hf_config) -> list[str]:
+    "The settings of a 🤗 `Gemma3TextConfig` that llm_book's Gemma3 cannot compute, each named."
+    get = lambda name, default=None: getattr(hf_config, name, default)
+    problems = []
+    def refuse(field, value, why): problems.append(f"{field}={value!r} ({why})")
+    for layer_type, rope in (get("rope_parameters") or {}).items():
+        if (rope or {}).get("rope_type", "default") != "default":
+            refuse(f"rope_parameters[{layer_type!r}]['rope_type']", rope["rope_type"],
+                   "llm_book's Gemma3 implements the original ('default') RoPE, no scaling")
+    if get("hidden_activation", "gelu_pytorch_tanh") not in _TANH_GELUS:
+        refuse("hidden_activation", get("hidden_activation"), f"llm_book's GeGLU gates with the tanh GELU, one of {_TANH_GELUS}")
+    if get("attn_logit_softcapping") is not None:
+        refuse("attn_logit_softcapping", get("attn_logit_softcapping"), "llm_book's attention does not soft-cap its scores (Gemma 3 does not)")
+    if get("use_bidirectional_attention", False):
+        refuse("use_bidirectional_attention", True, "llm_book's Gemma3 is a causal language model")
+    if get("attention_bias", False):
+        refuse("attention_bias", True, "llm_book's Gemma3 has no biases")
+    if get("sliding_window") is None:
+        refuse("sliding_window", None, "llm_book's Gemma3 needs the window of its local layers")
+    if _gemma3_pattern(get("layer_types") or ()) is None:
+        refuse("layer_types", get("layer_types"), "llm_book's Gemma3 makes every sliding_window_pattern-th layer global, the rest local")
     return problems
 
 def config_from_hf(hf_config) -> dict:
     "Our config dict (with its `architecture`) for a 🤗 `OpenAIGPTConfig`, `GPT2Config`, `LlamaConfig` or `MistralConfig`."
     model_type = getattr(hf_config, "model_type", None)
-    if model_type not in ("openai-gpt", "gpt2", "llama", "mistral", "mixtral"):
-        raise ValueError(f"hf_config has model_type {model_type!r}; expected 'openai-gpt', 'gpt2', 'llama', 'mistral' or 'mixtral'")
+    if model_type not in ("openai-gpt", "gpt2", "llama", "mistral", "mixtral", "gemma3_text"):
+        raise ValueError(f"hf_config has model_type {model_type!r}; expected 'openai-gpt', 'gpt2', 'llama', 'mistral', "
+                         "'mixtral' or 'gemma3_text' (Gemma 3's text model: Gemma3ForCausalLM)")
     problems = unsupported_hf_settings(hf_config)
     if problems: raise ValueError(f"hf_config ({model_type}) has settings llm_book cannot reproduce: " + "; ".join(problems))
     if model_type == "openai-gpt":   # post-LN blocks, no final norm, an MLP always 4 × n_embd wide
@@ -117,6 +151,17 @@ def config_from_hf(hf_config) -> dict:
             num_layers=hf_config.n_layer, max_position_embeddings=hf_config.n_positions,
             hidden_dim=hf_config.n_inner or 4 * hf_config.n_embd, norm_eps=hf_config.layer_norm_epsilon,
             dropout=hf_config.resid_pdrop, bias=True, tie_word_embeddings=hf_config.tie_word_embeddings)
+    if model_type == "gemma3_text":
+        rope = hf_config.rope_parameters
+        return dict(
+            architecture="gemma3", vocab_size=hf_config.vocab_size, embed_dim=hf_config.hidden_size,
+            num_heads=hf_config.num_attention_heads, num_kv_heads=hf_config.num_key_value_heads, head_dim=hf_config.head_dim,
+            num_layers=hf_config.num_hidden_layers, hidden_dim=hf_config.intermediate_size,
+            max_position_embeddings=hf_config.max_position_embeddings, norm_eps=hf_config.rms_norm_eps,
+            dropout=hf_config.attention_dropout, bias=False, tie_word_embeddings=hf_config.tie_word_embeddings,
+            rope_base=float(rope["full_attention"]["rope_theta"]), local_rope_base=float(rope["sliding_attention"]["rope_theta"]),
+            window_size=hf_config.sliding_window, sliding_window_pattern=_gemma3_pattern(hf_config.layer_types),
+            query_pre_attn_scalar=hf_config.query_pre_attn_scalar, final_logit_softcapping=hf_config.final_logit_softcapping)
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
     config = dict(
         architecture=model_type, vocab_size=hf_config.vocab_size, embed_dim=hf_config.hidden_size,
@@ -141,8 +186,8 @@ def config_to_hf(config: dict, # an llm_book config dict (`llm_book.models.confi
     "The 🤗 config (`OpenAIGPTConfig`, `GPT2Config`, `LlamaConfig` or `MistralConfig`) for one of our configs."
     import transformers
     c, arch = config, config.get("architecture")
-    if arch not in ("gpt", "gpt2", "llama", "mistral", "mixtral"):
-        raise ValueError(f"config architecture is {arch!r}; expected 'gpt', 'gpt2', 'llama', 'mistral' or 'mixtral'")
+    if arch not in ("gpt", "gpt2", "llama", "mistral", "mixtral", "gemma3"):
+        raise ValueError(f"config architecture is {arch!r}; expected 'gpt', 'gpt2', 'llama', 'mistral', 'mixtral' or 'gemma3'")
     # settings of ours that the 🤗 class cannot express
     problems = []
     head_dim = c.get("head_dim") or c["embed_dim"] // c["num_heads"]
@@ -157,8 +202,10 @@ def config_to_hf(config: dict, # an llm_book config dict (`llm_book.models.confi
             problems.append(f"head_dim={head_dim} (Transformers' {name} needs head_dim = embed_dim / num_heads)")
     if arch == "gpt" and c.get("hidden_dim") not in (None, 4 * c["embed_dim"]):
         problems.append(f"hidden_dim={c['hidden_dim']} (Transformers' OpenAI GPT's MLP is 4 × embed_dim wide)")
-    if arch in ("mistral", "mixtral") and c.get("bias", False):
+    if arch in ("mistral", "mixtral", "gemma3") and c.get("bias", False):
         problems.append(f"bias=True (Transformers' {arch.capitalize()} has no biases)")
+    if arch == "gemma3" and c.get("window_size") is None:
+        problems.append("window_size=None (Transformers' Gemma 3 needs the sliding window of its local layers)")
     if arch == "llama" and c.get("window_size") is not None:
         problems.append(f"window_size={c['window_size']} (Transformers' Llama has no sliding window: use Mistral)")
     if problems: raise ValueError(f"config ({arch}) has settings Transformers cannot reproduce: " + "; ".join(problems))
@@ -176,6 +223,19 @@ def config_to_hf(config: dict, # an llm_book config dict (`llm_book.models.confi
                       layer_norm_epsilon=c.get("norm_eps", 1e-5), resid_pdrop=c.get("dropout", 0.0),
                       embd_pdrop=c.get("dropout", 0.0), attn_pdrop=c.get("dropout", 0.0),
                       tie_word_embeddings=c.get("tie_word_embeddings", True), bos_token_id=None, eos_token_id=None)
+    elif arch == "gemma3":
+        hf_class, num_layers, pattern = transformers.Gemma3TextConfig, c["num_layers"], c["sliding_window_pattern"]
+        rope = lambda base: dict(rope_type="default", rope_theta=float(base))
+        fields = dict(vocab_size=c["vocab_size"], hidden_size=c["embed_dim"], num_attention_heads=c["num_heads"],
+                      num_key_value_heads=c["num_kv_heads"], head_dim=head_dim, num_hidden_layers=num_layers,
+                      intermediate_size=c["hidden_dim"], max_position_embeddings=c["max_position_embeddings"],
+                      rms_norm_eps=c["norm_eps"], hidden_activation="gelu_pytorch_tanh", attention_bias=False,
+                      rope_parameters=dict(full_attention=rope(c["rope_base"]), sliding_attention=rope(c["local_rope_base"])),
+                      sliding_window=c["window_size"], query_pre_attn_scalar=c["query_pre_attn_scalar"],
+                      layer_types=["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(num_layers)],
+                      final_logit_softcapping=c["final_logit_softcapping"], attn_logit_softcapping=None,
+                      attention_dropout=c["dropout"], tie_word_embeddings=c["tie_word_embeddings"],
+                      pad_token_id=None, bos_token_id=None, eos_token_id=None)
     else:
         hf_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                     "mixtral": transformers.MixtralConfig}[arch]
@@ -202,7 +262,7 @@ def config_to_hf(config: dict, # an llm_book config dict (`llm_book.models.confi
     return hf_config
 
 # %% ../nbs/40_hf.ipynb #4e1d8692
-def hf_name_table(arch: str, # `gpt`, `gpt2`, `llama`, `mistral` or `mixtral`
+def hf_name_table(arch: str, # `gpt`, `gpt2`, `llama`, `mistral`, `mixtral` or `gemma3`
                   num_layers: int, # number of decoder blocks
                   bias: bool=False, # whether LLaMA/Mistral linear layers have biases
                   num_experts: int=0, # Mixtral: experts per layer
@@ -244,8 +304,21 @@ def hf_name_table(arch: str, # `gpt`, `gpt2`, `llama`, `mistral` or `mixtral`
                 for kind in (["weight", "bias"] if bias else ["weight"]):
                     table[f"{ours}{our_part}.{kind}"] = ([f"{hf}{p}.{kind}" for p in hf_parts], False)
         table["final_norm.weight"] = (["model.norm.weight"], False)
+    elif arch == "gemma3":   # sandwich norms, QK-norm inside our fused projection, GeGLU
+        table["token_embeddings.embedding.weight"] = (["model.embed_tokens.weight"], False)
+        for i in range(num_layers):
+            ours, hf = f"layers.{i}.", f"model.layers.{i}."
+            parts = [("attention_norm", ["input_layernorm"]), ("post_attention_norm", ["post_attention_layernorm"]),
+                     ("ffn_norm", ["pre_feedforward_layernorm"]), ("post_ffn_norm", ["post_feedforward_layernorm"]),
+                     ("attention.qkv_proj.q_norm", ["self_attn.q_norm"]), ("attention.qkv_proj.k_norm", ["self_attn.k_norm"]),
+                     ("attention.qkv_proj.proj", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+                     ("attention.out_proj", ["self_attn.o_proj"]),
+                     ("feed_forward.gate_up_proj", ["mlp.gate_proj", "mlp.up_proj"]), ("feed_forward.down_proj", ["mlp.down_proj"])]
+            for our_part, hf_parts in parts:
+                table[f"{ours}{our_part}.weight"] = ([f"{hf}{p}.weight" for p in hf_parts], False)
+        table["final_norm.weight"] = (["model.norm.weight"], False)
     else:
-        raise ValueError(f"arch is {arch!r}; expected 'gpt', 'gpt2', 'llama', 'mistral' or 'mixtral'")
+        raise ValueError(f"arch is {arch!r}; expected 'gpt', 'gpt2', 'llama', 'mistral', 'mixtral' or 'gemma3'")
     table["lm_head.weight"] = (["lm_head.weight"], False)
     return table
 
@@ -395,7 +468,8 @@ def _hf_model_class(arch: str):
     "The Transformers `*ForCausalLM` class of an architecture."
     import transformers
     return {"gpt": transformers.OpenAIGPTLMHeadModel, "gpt2": transformers.GPT2LMHeadModel, "llama": transformers.LlamaForCausalLM,
-            "mistral": transformers.MistralForCausalLM, "mixtral": transformers.MixtralForCausalLM}[arch]
+            "mistral": transformers.MistralForCausalLM, "mixtral": transformers.MixtralForCausalLM,
+            "gemma3": transformers.Gemma3ForCausalLM}[arch]
 
 def to_hf(model: nn.Module, # an llm_book GPT, GPT2, Llama or Mistral
           **config_overrides, # extra 🤗 config fields, e.g. `eos_token_id=2`
