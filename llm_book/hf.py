@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .core.config import ModelConfig
 from .core.gelu import GELU
 from .models.gpt import GPT, GPT2
 from .models.llama import Llama
@@ -188,6 +189,7 @@ def config_to_hf(config: dict, # an llm_book config dict (`llm_book.models.confi
     c, arch = config, config.get("architecture")
     if arch not in ("gpt", "gpt2", "llama", "mistral", "mixtral", "gemma3"):
         raise ValueError(f"config architecture is {arch!r}; expected 'gpt', 'gpt2', 'llama', 'mistral', 'mixtral' or 'gemma3'")
+    if arch in ("mixtral", "gemma3"): c = dict(ModelConfig.from_dict(config))   # their own keys, defaults filled in
     # settings of ours that the 🤗 class cannot express
     problems = []
     head_dim = c.get("head_dim") or c["embed_dim"] // c["num_heads"]

@@ -172,3 +172,113 @@ def test_trainer_adds_the_weighted_aux_loss():
     dense = randomize(Mixtral(get_config("mixtral-tiny", router_aux_loss_coef=0.0)))
     torch.testing.assert_close(compute_loss(dense, inputs, targets),
                                F.cross_entropy(dense(inputs).flatten(0, 1), targets.flatten()))
+
+
+# ---------------------------------------------------------------- Gemma 3
+
+from llm_book.core.gemma import GemmaQKVProjection, GemmaRMSNorm, GeGLU  # noqa: E402
+from llm_book.models.gemma3 import Gemma3  # noqa: E402
+
+
+def tiny_gemma3(seed=0, **overrides):
+    return randomize(Gemma3(get_config("gemma3-tiny", **overrides)), seed)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"final_logit_softcapping": 5.0, "query_pre_attn_scalar": 24},
+                                       {"sliding_window_pattern": 2, "window_size": 3, "num_kv_heads": 1}])
+def test_gemma3_logits_equal_transformers_both_ways(overrides):
+    ours = tiny_gemma3(**overrides)
+    ids, mask = padded_batch(length=20, pad=6)                 # 20 tokens: 5 windows of 4
+    hf_model = to_hf(ours)
+    assert isinstance(hf_model, transformers.Gemma3ForCausalLM)
+    assert logits_max_diff(ours, hf_model, ids) < 1e-5
+    assert logits_max_diff(ours, hf_model, ids, mask) < 1e-5
+    hf_random = randomize(transformers.Gemma3ForCausalLM(config_to_hf(ours.config)), seed=5)
+    back = from_hf(hf_random)
+    assert isinstance(back, Gemma3)
+    assert logits_max_diff(back, hf_random, ids, mask) < 1e-5
+    assert ours.config == config_from_hf(hf_random.config)
+
+
+def test_gemma3_each_part_matters_for_parity():
+    "Parity is no accident: a model without the local window, or without the sqrt(C) scale, differs from Transformers."
+    ours = tiny_gemma3()
+    ids, _ = padded_batch(length=20)
+    hf_model = to_hf(ours)
+    ours.is_local = (False,) * 6                               # every layer global
+    assert logits_max_diff(ours, hf_model, ids) > 1e-3
+    ours = tiny_gemma3()
+    ours.embed = lambda input_ids, positions: ours.token_embeddings(input_ids)
+    assert logits_max_diff(ours, hf_model, ids) > 1e-3
+
+
+def test_gemma3_refuses_what_it_cannot_compute():
+    base = dict(config_to_hf(get_config("gemma3-tiny")).to_dict())
+    for field, value, message in [
+            ("attn_logit_softcapping", 50.0, "attn_logit_softcapping=50.0"),
+            ("use_bidirectional_attention", True, "use_bidirectional_attention=True"),
+            ("hidden_activation", "gelu", "hidden_activation='gelu'"),
+            ("layer_types", ["full_attention"] + ["sliding_attention"] * 5, "layer_types=")]:
+        hf_config = transformers.Gemma3TextConfig(**{**base, field: value})
+        with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
+            config_from_hf(hf_config)
+    scaled = transformers.Gemma3TextConfig(**base)
+    scaled.rope_parameters["full_attention"] = {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}
+    with pytest.raises(ValueError, match=r"rope_parameters\['full_attention'\]\['rope_type'\]='linear'"):
+        config_from_hf(scaled)
+    with pytest.raises(ValueError, match="window_size=None"):
+        config_to_hf(get_config("gemma3-tiny", window_size=None))
+    with pytest.raises(ValueError, match="'local_rope_base'] is not supported by architecture 'mistral'"):
+        get_config("mistral-tiny", local_rope_base=10000.0)
+
+
+def test_gemma3_cached_greedy_equals_uncached_and_left_padding_equals_each_row_alone():
+    model = tiny_gemma3(final_logit_softcapping=30.0)
+    ids, mask = padded_batch(length=12, pad=5)
+    prompt = ids[:, :3]
+    cached = model.generate(prompt, max_new_tokens=20)                    # far past the window of 4
+    assert torch.equal(cached, model.generate(prompt, max_new_tokens=20, use_cache=False))
+    batch = model.generate(ids, attention_mask=mask, max_new_tokens=10)
+    for row in range(2):
+        alone = model.generate(ids[row:row + 1, mask[row]], max_new_tokens=10)
+        num_padding = int((~mask[row]).sum())
+        assert torch.equal(batch[row:row + 1, num_padding:], alone)
+    # token by token through the cache = one pass over the whole sequence
+    logits, cache = model(ids[:, :5], attention_mask=mask[:, :5], use_cache=True)
+    steps = [logits]
+    for t in range(5, 12):
+        step, cache = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache, use_cache=True)
+        steps.append(step)
+    full = model(ids, attention_mask=mask)
+    torch.testing.assert_close(torch.cat(steps, 1)[mask], full[mask], rtol=0, atol=1e-5)
+
+
+def test_gemma3_270m_parameters():
+    config = get_config("gemma3-270m")
+    with torch.device("meta"):
+        model = Gemma3(config)
+    total = num_parameters(model)
+    assert total == count_parameters(config)
+    assert abs(total / 270e6 - 1) < 0.01
+    assert sum(model.is_local) == 15 and model.is_local[5] is False
+    tiny = tiny_gemma3()
+    assert num_parameters(tiny) == count_parameters(tiny.config)
+
+
+def test_gemma_parts():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8)
+    norm = GemmaRMSNorm(8)
+    assert norm.weight.abs().sum() == 0                                   # the gain 1 + 0
+    with torch.no_grad():
+        norm.weight.fill_(0.25)
+    torch.testing.assert_close(norm(x), x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * 1.25)
+    geglu = GeGLU(8, 12)
+    gate, up = geglu.gate_up_proj(x).chunk(2, -1)
+    torch.testing.assert_close(geglu(x), geglu.down_proj(F.gelu(gate, approximate="tanh") * up))
+    projection = GemmaQKVProjection(8, num_heads=2, num_kv_heads=1, head_dim=4, query_pre_attn_scalar=16)
+    q = projection(x)[..., :8].view(2, 3, 2, 4)
+    # normalised per head (gain 1), then scaled by sqrt(d_h / s) = 0.5
+    torch.testing.assert_close(q.pow(2).mean(-1), torch.full((2, 3, 2), 0.25), rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="query_pre_attn_scalar must be > 0"):
+        GemmaQKVProjection(8, 2, 1, 4, query_pre_attn_scalar=0)
