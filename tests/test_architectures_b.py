@@ -282,3 +282,24 @@ def test_gemma_parts():
     torch.testing.assert_close(q.pow(2).mean(-1), torch.full((2, 3, 2), 0.25), rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="query_pre_attn_scalar must be > 0"):
         GemmaQKVProjection(8, 2, 1, 4, query_pre_attn_scalar=0)
+
+
+def test_the_cli_builds_both_architectures():
+    from llm_book.cli import model_class
+    from llm_book.core.config import ARCHITECTURES
+    assert model_class("mixtral") is Mixtral and model_class("gemma3") is Gemma3
+    for architecture in ARCHITECTURES:             # every architecture a config may name has a class
+        assert model_class(architecture).architecture == architecture
+
+
+@pytest.mark.parametrize("build", [tiny_mixtral, tiny_gemma3])
+def test_bf16_autocast_training_loss_is_finite_and_close_to_fp32(build):
+    model = build().train()
+    ids, _ = padded_batch()
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    fp32 = compute_loss(model, inputs, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = compute_loss(model, inputs, targets)
+    assert torch.isfinite(bf16) and abs(bf16.item() - fp32.item()) < 0.1 * fp32.item()
+    bf16.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
