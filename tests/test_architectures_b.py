@@ -303,3 +303,15 @@ def test_bf16_autocast_training_loss_is_finite_and_close_to_fp32(build):
     assert torch.isfinite(bf16) and abs(bf16.item() - fp32.item()) < 0.1 * fp32.item()
     bf16.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_kv_cache_bytes_counts_what_each_cache_holds():
+    from llm_book.core.kv_cache import kv_cache_bytes
+    # Mixtral with a window keeps a rolling buffer; Gemma 3's one cache keeps every token for its global layers
+    mixtral, gemma = tiny_mixtral(window_size=4), tiny_gemma3()
+    for model, held in [(mixtral, 4), (gemma, 12)]:
+        _, cache = model(torch.randint(0, 128, (1, 12)), use_cache=True)
+        keys, values = cache[0]
+        assert keys.shape[2] >= held
+        c = model.config
+        assert kv_cache_bytes(c, 12, dtype=torch.float32) == 2 * c.num_layers * c.num_kv_heads * c.head_dim * held * 4
