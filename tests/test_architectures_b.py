@@ -315,3 +315,14 @@ def test_kv_cache_bytes_counts_what_each_cache_holds():
         assert keys.shape[2] >= held
         c = model.config
         assert kv_cache_bytes(c, 12, dtype=torch.float32) == 2 * c.num_layers * c.num_kv_heads * c.head_dim * held * 4
+
+
+@pytest.mark.parametrize("build", [tiny_mixtral, tiny_gemma3])
+def test_save_hf_and_load_the_directory_back(build, tmp_path):
+    from llm_book.hf import save_hf
+    model = build()
+    path = save_hf(model, tmp_path / "checkpoint")
+    back = from_hf(path)
+    assert type(back) is type(model) and back.config == model.config
+    ids, mask = padded_batch()
+    torch.testing.assert_close(back(ids, attention_mask=mask), model(ids, attention_mask=mask), rtol=0, atol=0)
