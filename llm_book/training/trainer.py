@@ -341,10 +341,15 @@ def autocast(self:Trainer):
     return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
 def compute_loss(model:nn.Module, inputs:torch.Tensor, targets:torch.Tensor) -> torch.Tensor:
-    "Mean next-token cross-entropy of `model(inputs)` against `targets` (computed in fp32)."
+    "Mean next-token cross-entropy of `model(inputs)` against `targets` (fp32), plus a mixture of experts' weighted aux loss."
     logits = model(inputs)                                                              # (B, T, V)
     if isinstance(logits, tuple): logits = logits[0]
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    while hasattr(model, "_orig_mod") or hasattr(model, "module"):                      # torch.compile / DDP wrappers
+        model = getattr(model, "_orig_mod", None) or model.module
+    if getattr(model, "aux_loss", None) is not None:                                   # Mixtral's load balancing (ch. 16)
+        loss = loss + model.config.router_aux_loss_coef * model.aux_loss
+    return loss
 
 def train_step(self:Trainer) -> dict:
     "One optimizer step over `grad_accum_steps` micro-batches; returns the step's log row."
