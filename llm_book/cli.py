@@ -25,7 +25,9 @@ def model_class(architecture:str, # a config's "architecture": one of `llm_book.
     from llm_book.models.mistral import Mistral
     from llm_book.models.mixtral import Mixtral
     from llm_book.models.gemma3 import Gemma3
-    classes = {"gpt": GPT, "gpt2": GPT2, "llama": Llama, "mistral": Mistral, "mixtral": Mixtral, "gemma3": Gemma3}
+    from llm_book.models.qwen3 import Qwen3
+    classes = {"gpt": GPT, "gpt2": GPT2, "llama": Llama, "mistral": Mistral, "qwen3": Qwen3, "mixtral": Mixtral,
+               "gemma3": Gemma3}
     if architecture not in classes: raise ValueError(f"architecture {architecture!r} is unknown; expected one of {sorted(classes)}")
     return classes[architecture]
 

@@ -15,11 +15,12 @@ from .swi_glu import swiglu_hidden_dim
 from .rope_scaling import check_rope_scaling
 
 # %% auto #0
-__all__ = ['ARCHITECTURES', 'ROPE_ARCHITECTURES', 'REQUIRED_KEYS', 'CONFIG_KEYS', 'ModelConfig']
+__all__ = ['ARCHITECTURES', 'ROPE_ARCHITECTURES', 'WINDOW_ARCHITECTURES', 'REQUIRED_KEYS', 'CONFIG_KEYS', 'ModelConfig']
 
 # %% ../../nbs/07a_config.ipynb #70a4b05f
 ARCHITECTURES = ("gpt", "gpt2", "llama", "mistral", "qwen3", "mixtral", "gemma3")
 ROPE_ARCHITECTURES = ("llama", "mistral", "qwen3", "mixtral", "gemma3")    # rotary positions, RMSNorm, SwiGLU, grouped-query attention
+WINDOW_ARCHITECTURES = ("mistral", "mixtral", "gemma3")   # sliding-window attention (Gemma 3: its local layers)
 REQUIRED_KEYS = ("vocab_size", "embed_dim", "num_heads", "num_layers", "max_position_embeddings")
 # keys that only one family of models has (chapters 15 and 16), with their defaults
 _ARCHITECTURE_KEYS = {"num_experts": ("mixtral", 8), "num_experts_per_tok": ("mixtral", 2),
@@ -122,8 +123,8 @@ def _check_rope(self:ModelConfig):
         raise ValueError(f"config['head_dim'] must be even for RoPE (features rotate in pairs), got {head_dim}")
     if self.rope_base is not None and (not _is_number(self.rope_base) or not self.rope_base > 0):
         raise ValueError(f"config['rope_base'] must be a number > 0, got {self.rope_base!r}")
-    if self.architecture != "mistral" and self.window_size is not None:
-        raise ValueError(f"config['window_size'] {self.window_size} is for architecture 'mistral'; "
+    if self.architecture not in WINDOW_ARCHITECTURES and self.window_size is not None:
+        raise ValueError(f"config['window_size'] {self.window_size} is for architectures {', '.join(WINDOW_ARCHITECTURES)}; "
                          f"{self.architecture} has no sliding window (use Mistral)")
 
 @patch
