@@ -396,7 +396,7 @@ def random_hf_gpt(seed=0, **fields):
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_gpt_to_openai_gpt_and_back(padded, tmp_path):
-    model = with_gelu(random_model("gpt"), "tanh")
+    model = random_model("gpt")   # the tanh GELU, as OpenAI's GPT
     input_ids, mask = batch(20, padded)
     hf_model = to_hf(model)
     assert type(hf_model) is transformers.OpenAIGPTLMHeadModel
@@ -408,7 +408,7 @@ def test_gpt_to_openai_gpt_and_back(padded, tmp_path):
     hf_model = random_hf_gpt(tie_word_embeddings=False, layer_norm_epsilon=0.3)
     config = config_from_hf(hf_model.config)
     assert (config["architecture"], config["hidden_dim"], config["norm_eps"], config["tie_word_embeddings"]) == ("gpt", 128, 0.3, False)
-    ours = with_gelu(ARCHITECTURES["gpt"][0](config), "tanh")
+    ours = ARCHITECTURES["gpt"][0](config)
     load_state_dict_strict(ours, state_dict_from_hf(hf_model.state_dict(), config)).eval()
     assert logits_max_diff(ours, hf_model, input_ids, mask) < TOL
     assert logits_max_diff(with_gelu(ours, "none"), hf_model, input_ids, mask) > 1e-4   # the GELU matters
@@ -417,12 +417,18 @@ def test_gpt_to_openai_gpt_and_back(padded, tmp_path):
 def test_gpt_with_another_gelu_than_openai_gpt_is_refused():
     "Transformers' OpenAI GPT computes the tanh GELU: a GPT computing the exact one is refused, not converted approximately."
     with pytest.raises(ValueError, match=re.escape("GELU(approximate='none')")): to_hf(with_gelu(random_model("gpt"), "none"))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_gpt_computes_the_tanh_gelu_and_from_hf_converts_openai_gpt_exactly(padded):
+    "llm_book's GPT computes the tanh GELU of OpenAI's code, so 🤗's OpenAI GPT converts with equal logits."
+    gelus = {m.approximate for m in ARCHITECTURES["gpt"][0].from_preset("gpt-tiny").modules() if isinstance(m, GELU)}
+    assert gelus == {"tanh"}
     hf_model = random_hf_gpt()
-    default_gelus = {m.approximate for m in ARCHITECTURES["gpt"][0].from_preset("gpt-tiny").modules() if isinstance(m, GELU)}
-    if default_gelus == {"tanh"}:   # once llm_book's GPT computes the tanh GELU, from_hf converts it exactly
-        assert logits_max_diff(from_hf(hf_model), hf_model, *batch()) < TOL
-    else:
-        with pytest.raises(ValueError, match="the tanh GELU: the logits would differ"): from_hf(hf_model)
+    ours = from_hf(hf_model)
+    assert type(ours).__name__ == "GPT"
+    assert logits_max_diff(ours, hf_model, *batch(20, padded)) < TOL
+    assert logits_max_diff(ours, to_hf(ours), *batch(20, padded)) < TOL
 
 
 def test_gpt_settings_transformers_cannot_express_are_refused():

@@ -460,3 +460,12 @@ def test_matches_hugging_face(arch):
     ours = model(ids, mask)
     torch.testing.assert_close(ours[0], theirs[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(ours[1, 5:], theirs[1, 5:], atol=1e-5, rtol=0)
+
+
+def test_llama_presets_are_named_after_the_model_they_are():
+    "LLaMA (v1) was trained at 2048 tokens with RMSNorm eps 1e-6; LLaMA-2 at 4096 with 1e-5; same shapes."
+    v1, v2 = get_config("llama-7b"), get_config("llama-2-7b")
+    assert (v1["max_position_embeddings"], v1["norm_eps"]) == (2048, 1e-6)
+    assert (v2["max_position_embeddings"], v2["norm_eps"]) == (4096, 1e-5)
+    assert count_parameters(v1) == count_parameters(v2) == 6_738_415_616
+    assert (get_config("llama-13b")["max_position_embeddings"], get_config("llama-2-13b")["max_position_embeddings"]) == (2048, 4096)

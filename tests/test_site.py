@@ -351,6 +351,8 @@ def page_problems(source: str, site: dict, report: dict) -> list:
         problems.append(f"images that did not load: {broken}")
     if expects_images(rel) and not (probe["images"] or probe["svgFigures"]):
         problems.append("the notebook has figures but the page shows none")
+    if rel != Path("index.ipynb") and not [i for i in probe["images"] if i["width"] > 0]:
+        problems.append("a chapter page needs at least one figure (<img>) that teaches something measured; it has none")
     # links and resources
     for url in probe["links"] + probe["resources"]:
         if url.startswith(("data:", "mailto:", "javascript:")):

@@ -46,13 +46,13 @@ class Decoder(nn.Module):
                  dropout:float=0.0, # dropout probability (training only)
                  bias:bool=True, # biases in the linear layers
                  norm_eps:float=1e-5, # LayerNorm epsilon
-                 activation:nn.Module|None=None, # feed-forward nonlinearity (None: exact GELU, as GPT)
+                 activation:nn.Module|None=None, # feed-forward nonlinearity (None: tanh GELU, as OpenAI's GPT code)
                 ):
         super().__init__()
         self.attention = GroupQueryAttention(embed_dim, num_heads, num_kv_heads=num_heads, dropout=dropout, bias=bias)
         self.attention_dropout = nn.Dropout(dropout)
         self.attention_norm = nn.LayerNorm(embed_dim, eps=norm_eps)
-        self.feed_forward = FeedForward(embed_dim, hidden_dim, activation=activation or GELU("none"),
+        self.feed_forward = FeedForward(embed_dim, hidden_dim, activation=activation or GELU("tanh"),
                                         bias=bias, dropout=dropout)
         self.ffn_norm = nn.LayerNorm(embed_dim, eps=norm_eps)
 

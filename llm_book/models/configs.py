@@ -30,10 +30,17 @@ PRESETS = {
     "gpt2-medium": dict(_GPT2, embed_dim=1024, num_heads=16, num_layers=24, hidden_dim=4096),
     "gpt2-large": dict(_GPT2, embed_dim=1280, num_heads=20, num_layers=36, hidden_dim=5120),
     "gpt2-xl": dict(_GPT2, embed_dim=1600, num_heads=25, num_layers=48, hidden_dim=6400),
+    # LLaMA (v1, Touvron et al. 2023): trained at 2048 tokens, RMSNorm eps 1e-6
     "llama-7b": dict(_LLAMA, embed_dim=4096, num_heads=32, num_kv_heads=32, num_layers=32, hidden_dim=11008,
-                     max_position_embeddings=4096),
+                     max_position_embeddings=2048, norm_eps=1e-6),
     "llama-13b": dict(_LLAMA, embed_dim=5120, num_heads=40, num_kv_heads=40, num_layers=40, hidden_dim=13824,
-                      max_position_embeddings=4096),
+                      max_position_embeddings=2048, norm_eps=1e-6),
+    # LLaMA-2: the same shapes, trained at 4096 tokens, eps 1e-5
+    "llama-2-7b": dict(_LLAMA, embed_dim=4096, num_heads=32, num_kv_heads=32, num_layers=32, hidden_dim=11008,
+                       max_position_embeddings=4096),
+    "llama-2-13b": dict(_LLAMA, embed_dim=5120, num_heads=40, num_kv_heads=40, num_layers=40, hidden_dim=13824,
+                        max_position_embeddings=4096),
+    # Mistral-7B-v0.1: trained at 8192 tokens; 32768 is the position limit its Transformers config declares
     "mistral-7b": dict(_LLAMA, architecture="mistral", embed_dim=4096, num_heads=32, num_kv_heads=8,
                        num_layers=32, hidden_dim=14336, max_position_embeddings=32768, window_size=4096),
     "smollm2-135m": dict(_LLAMA, vocab_size=49152, embed_dim=576, num_heads=9, num_kv_heads=3, num_layers=30,

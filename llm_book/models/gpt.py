@@ -21,7 +21,7 @@ __all__ = ['GPT', 'GPT2']
 
 # %% ../../nbs/10_gpt.ipynb #8abdfe0e
 class GPT(BaseModel):
-    "The original GPT: learned positions, post-LN `Decoder` blocks with exact GELU, output tied to the embeddings."
+    "The original GPT: learned positions, post-LN `Decoder` blocks with the tanh GELU, output tied to the embeddings."
     architecture = "gpt"
     uses_learned_positions = True
     residual_scale = False   # GPT-2 scales the residual projections' initial weights by 1/sqrt(2L)
@@ -43,7 +43,7 @@ class GPT(BaseModel):
         "One post-LN block."
         c = self.config
         return Decoder(c.embed_dim, c.num_heads, c.hidden_dim, c.dropout, bias=c.bias, norm_eps=c.norm_eps,
-                       activation=GELU("none"))
+                       activation=GELU("tanh"))   # OpenAI's GPT code and 🤗's OpenAIGPT compute the tanh form
 
     def make_final_norm(self):
         "Post-LN blocks end normalized: no final norm."
