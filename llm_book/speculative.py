@@ -13,8 +13,8 @@ from .core.base_model import BaseModel
 from .core.generation import check_generation_args, next_token_probs, stop_ids
 
 # %% auto #0
-__all__ = ['accept_draft_tokens', 'chi_square_pvalue', 'PromptLookupDraft', 'ModelDraft', 'SpeculationStats', 'as_draft',
-           'speculative_stream', 'speculative_generate']
+__all__ = ['accept_draft_tokens', 'chi_square_pvalue', 'PromptLookupDraft', 'ModelDraft', 'truncated_model', 'SpeculationStats',
+           'as_draft', 'speculative_stream', 'speculative_generate']
 
 # %% ../nbs/45_speculative.ipynb #d68eca82
 def accept_draft_tokens(target_probs:torch.Tensor, # (k + 1, V) the model's next-token distribution after each prefix
@@ -100,6 +100,20 @@ class ModelDraft:
             guesses.append(token); probs.append(dist); feed = [token]
         return guesses, torch.stack(probs)                                       # (num_draft, V)
 
+# %% ../nbs/45_speculative.ipynb #4b9c0cd9
+def truncated_model(model:BaseModel, # a model of the book
+                    num_layers:int, # how many of its first blocks to keep
+                   ) -> BaseModel: # same class, sharing embeddings, the first blocks, final norm and head
+    "The model's first `num_layers` blocks with its own embeddings, final norm and output layer (weights shared, not copied)."
+    if not isinstance(num_layers, int) or isinstance(num_layers, bool) or not 1 <= num_layers <= model.num_layers:
+        raise ValueError(f"num_layers must be an int in [1, {model.num_layers}], got {num_layers!r}")
+    with torch.device("meta"):                                   # no memory for weights about to be replaced
+        small = type(model)({**model.config, "num_layers": num_layers})
+    for name, module in model.named_children():
+        setattr(small, name, torch.nn.ModuleList(module[:num_layers]) if name == "layers" else module)
+    small.rope = model.rope
+    return small.train(model.training)
+
 # %% ../nbs/45_speculative.ipynb #998d4772
 @dataclass
 class SpeculationStats:
@@ -147,6 +161,11 @@ def speculative_stream(model:BaseModel, # the model whose output counts (the "ta
     num_new = check_generation_args(prompt_length, max_length, max_new_tokens, temperature, top_k, top_p, eos_token_id,
                                     model.vocab_size, model.max_position_embeddings if model.uses_learned_positions else None)
     if seed is not None and not isinstance(seed, int): raise ValueError(f"seed must be an int, got {seed!r}")
+    window = getattr(model, "window_size", None)
+    if window is not None and prompt_length + num_new + num_draft > window:
+        raise ValueError(f"speculative decoding takes rejected guesses back out of the KV cache, which a sliding-window model's "
+                         f"rolling cache (window_size={window}) cannot do once it wraps: prompt ({prompt_length}) + new tokens "
+                         f"({num_new}) + num_draft ({num_draft}) must be <= {window}")
     draft = as_draft(draft, model.vocab_size)
     if hasattr(draft, "reset"): draft.reset()
     return _speculate(model, input_ids, num_new, draft, num_draft, temperature, top_k, top_p, set(stop_ids(eos_token_id)),
