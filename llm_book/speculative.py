@@ -54,7 +54,7 @@ class PromptLookupDraft:
     vocab_size = None    # proposes ids already in the sequence: works with any vocabulary
 
     def __init__(self, max_ngram:int=3, # longest suffix to look up
-                 min_ngram:int=1, # shortest suffix to look up
+                 min_ngram:int=2, # shortest suffix to look up (one token matches too often by chance)
                 ):
         if not isinstance(min_ngram, int) or not isinstance(max_ngram, int) or not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need ints 1 <= min_ngram <= max_ngram, got min_ngram={min_ngram!r}, max_ngram={max_ngram!r}")
@@ -179,8 +179,9 @@ def _speculate(model, input_ids, num_new, draft, num_draft, temperature, top_k, 
     try:
         with torch.inference_mode():
             cache = model.new_cache(max_length=len(sequence) + num_new)
+            guess_length = num_draft                                     # adapts: +2 after a full hit, -1 after a miss
             while generated < num_new:
-                k = min(num_draft, num_new - generated - 1)            # the round yields up to k + 1 tokens
+                k = min(guess_length, num_new - generated - 1)         # the round yields up to k + 1 tokens
                 guesses, guess_probs = draft.propose(sequence, k, temperature, top_k, top_p, generator) if k else ([], None)
                 guesses = [int(g) for g in guesses[:k]]
                 feed = sequence[cache.num_seen:] + guesses
@@ -198,6 +199,7 @@ def _speculate(model, input_ids, num_new, draft, num_draft, temperature, top_k, 
                     n = len(new_tokens) - 1
                 cache.crop(len(sequence) + n)                            # keep the accepted guesses; the new token comes next round
                 stats.rounds += 1; stats.proposed += len(guesses); stats.accepted += n
+                if guesses: guess_length = min(num_draft, guess_length + 2) if n == len(guesses) else max(1, guess_length - 1)
                 for token in new_tokens:
                     sequence.append(token); generated += 1
                     yield torch.tensor([token], device=input_ids.device)
