@@ -92,8 +92,9 @@ class ModelDraft:
         while keep < limit and self.fed[keep] == tokens[keep]: keep += 1
         self.cache.crop(keep); self.fed = self.fed[:keep]
         feed, guesses, probs = tokens[keep:], [], []
+        device = self.model.lm_head.weight.device
         for _ in range(num_draft):
-            logits, self.cache = self.model(torch.tensor([feed]), cache=self.cache, use_cache=True, logits_to_keep=1)
+            logits, self.cache = self.model(torch.tensor([feed], device=device), cache=self.cache, use_cache=True, logits_to_keep=1)
             self.fed += feed
             dist = next_token_probs(logits[0, -1], temperature, top_k, top_p)       # (V,)
             token = int(dist.argmax()) if temperature == 0 else int(torch.multinomial(dist, 1, generator=generator))
