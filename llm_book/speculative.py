@@ -29,7 +29,8 @@ def accept_draft_tokens(target_probs:torch.Tensor, # (k + 1, V) the model's next
         q_token = 1.0 if draft_probs is None else float(draft_probs[i, token])
         if float(torch.rand((), generator=generator)) * q_token < float(p[token]):   # u < p/q, q > 0
             accepted.append(token); continue
-        q = draft_probs[i] if draft_probs is not None else torch.zeros_like(p).index_fill_(0, torch.tensor(token), 1.0)
+        if draft_probs is not None: q = draft_probs[i]                     # (V,)
+        else: q = torch.zeros_like(p); q[token] = 1.0                       # a deterministic guess: one-hot
         residual = (p - q).clamp(min=0)                                      # (V,) what p has that q lacks
         if float(residual.sum()) <= 0: residual = p                         # p == q up to rounding: p itself
         return accepted + [int(torch.multinomial(residual, 1, generator=generator))]
