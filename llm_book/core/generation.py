@@ -10,20 +10,20 @@ from typing import Iterator, Sequence
 import torch
 
 # %% auto #0
-__all__ = ['sample_next_token', 'check_generation_args', 'stop_ids', 'generate_tokens']
+__all__ = ['next_token_probs', 'sample_next_token', 'check_generation_args', 'stop_ids', 'generate_tokens']
 
 # %% ../../nbs/09_generation.ipynb #7a15de7d
-def sample_next_token(logits:torch.Tensor, # (B, vocab_size) logits of the next token
-                      temperature:float=0.0, # 0: greedy (argmax; top_k/top_p must then be None); else divide the logits by it
-                      top_k:int|None=None, # keep only the k most likely tokens (sampling only)
-                      top_p:float|None=None, # keep the most likely tokens up to cumulative probability p (sampling only)
-                      generator:torch.Generator|None=None, # random source (for reproducible sampling)
-                     ) -> torch.Tensor: # (B,) int64
-    "Pick one token per row: argmax when temperature is 0, else a sample from the filtered softmax."
-    if temperature == 0: return logits.argmax(-1)
+def next_token_probs(logits:torch.Tensor, # (..., vocab_size) logits of the next token
+                     temperature:float=1.0, # 0: all mass on the argmax; else divide the logits by it
+                     top_k:int|None=None, # keep only the k most likely tokens
+                     top_p:float|None=None, # keep the most likely tokens up to cumulative probability p
+                    ) -> torch.Tensor: # (..., vocab_size) float32, rows sum to 1
+    "The distribution `sample_next_token` draws from: softmax(logits / temperature) with the top-k/top-p tail zeroed."
+    if temperature == 0:   # the limit temperature -> 0: one-hot at the argmax
+        return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     logits = logits.float() / temperature
     if top_k is not None:
-        kth_largest = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]   # (B, 1)
+        kth_largest = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]   # (..., 1)
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
@@ -31,7 +31,17 @@ def sample_next_token(logits:torch.Tensor, # (B, vocab_size) logits of the next 
         drop = probs.cumsum(-1) - probs >= top_p        # the mass *before* this token already reaches p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    return logits.softmax(-1)
+
+def sample_next_token(logits:torch.Tensor, # (B, vocab_size) logits of the next token
+                      temperature:float=0.0, # 0: greedy (argmax; top_k/top_p must then be None); else divide the logits by it
+                      top_k:int|None=None, # keep only the k most likely tokens (sampling only)
+                      top_p:float|None=None, # keep the most likely tokens up to cumulative probability p (sampling only)
+                      generator:torch.Generator|None=None, # random source (for reproducible sampling)
+                     ) -> torch.Tensor: # (B,) int64
+    "Pick one token per row: argmax when temperature is 0, else a sample from `next_token_probs`."
+    if temperature == 0: return logits.argmax(-1)
+    return torch.multinomial(next_token_probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
 
 # %% ../../nbs/09_generation.ipynb #f2a3d88e
 def _is_int(value) -> bool: return isinstance(value, int) and not isinstance(value, bool)

@@ -220,3 +220,26 @@ def rollback(self:RollingKVCache):
     "Abandon the step in progress. Its ring slots may already be overwritten: the cache refuses further use."
     if self._step is not None: self._broken = True
     self._step = None
+
+# %% ../../nbs/08_kv_cache.ipynb #83bda886
+@patch
+def crop(self:KVCache, num_tokens:int, # tokens to keep: the first `num_tokens` seen
+        ):
+    "Forget every token after the first `num_tokens` (their slots are reused by the next step)."
+    if self._step is not None: raise ValueError("cache.crop during a step: commit or roll back the step first")
+    if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or not 0 <= num_tokens <= self.num_seen:
+        raise ValueError(f"num_tokens must be an int in [0, num_seen={self.num_seen}], got {num_tokens!r}")
+    if num_tokens == self.num_seen: return
+    if self.num_real is not None:   # (B,) real tokens per row: minus the real ones dropped
+        self.num_real = self.num_real - self.mask[:, num_tokens:self.num_seen].sum(-1)
+    self.num_seen = num_tokens
+    if num_tokens == 0: self.num_real, self.has_padding = None, False
+
+@patch
+def crop(self:RollingKVCache, num_tokens:int, # tokens to keep: the first `num_tokens` seen
+        ):
+    "Forget every token after the first `num_tokens`; only before the ring has wrapped around."
+    if isinstance(num_tokens, int) and num_tokens < self.num_seen and self.num_seen > self.window_size:
+        raise ValueError(f"RollingKVCache(window_size={self.window_size}) holds {self.num_seen} tokens: its ring has "
+                         f"overwritten older keys, so it cannot crop back to {num_tokens}")
+    KVCache.crop(self, num_tokens)

@@ -1,0 +1,150 @@
+"""Speculative decoding, batched generation and the compiled decode step on SmolLM2-135M-Instruct (fp32), in one run.
+
+Three comparisons, each against a baseline measured in the same process, contenders taking turns round by round
+(best round counts, which keeps the ratios fair on a shared, noisy machine):
+
+1. Greedy decoding, batch 1: plain `model.generate` against `speculative_generate` with a prompt-lookup draft, an
+   fp16 copy as the draft, and optionally a layer-skipping draft (`truncated_model`, `--draft-layers N`); tokens
+   must be identical. Target: >= 1.5x.
+2. `generate_batch` of 8 prompts of different lengths against batch 1 (the same 8 prompts one by one), in new
+   tokens per second; every row must equal its prompt alone. Target: >= 4x.
+3. `compile_decode` against eager, batch 1 and batch 8 (the compile time is printed, not counted).
+
+Ends with one line of `key=value` figures.
+
+    python benchmarks/speculative.py [--new-tokens 64] [--rounds 2] [--threads 1] [--no-compile]
+"""
+import argparse
+import copy
+import os
+import time
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch
+
+from llm_book.batching import compile_decode, generate_batch
+from llm_book.chat import stop_token_ids
+from llm_book.gguf import load_gguf, smollm2_path
+from llm_book.speculative import PromptLookupDraft, SpeculationStats, speculative_generate, truncated_model
+
+CODE = '''def moving_average(values, window):
+    result = []
+    total = 0.0
+    for index, value in enumerate(values):
+        total += value
+        if index >= window:
+            total -= values[index - window]
+        if index >= window - 1:
+            result.append(total / window)
+    return result'''
+SPEC_PROMPTS = [f"Add type hints to this Python function. Reply with the whole function only.\n\n{CODE}",
+                "Repeat the following list exactly, one item per line: apples, bananas, cherries, dates, "
+                "elderberries, figs, grapes, honeydew melons, kiwis, lemons.",
+                "Explain how a rainbow forms, step by step."]
+BATCH_PROMPTS = ["Write a haiku about the sea.", "What is 17 times 23?", "Name three prime numbers.",
+                 "Explain how a rainbow forms, step by step.", "Give me a short tip for writing clean Python code.",
+                 "Translate 'good morning' into French, Spanish and German.", "Who wrote Hamlet?",
+                 "Describe a cat in one sentence, then describe a dog in one sentence."]
+
+
+def best_of(rounds, contenders):
+    "Run each contender once per round, in turns; {name: (best seconds, result)}."
+    best = {}
+    for _ in range(rounds):
+        for name, run in contenders.items():
+            start = time.perf_counter(); result = run(); seconds = time.perf_counter() - start
+            if name not in best or seconds < best[name][0]: best[name] = (seconds, result)
+    return best
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--num-draft", type=int, default=6, help="guesses per round (prompt lookup)")
+    parser.add_argument("--draft-layers", type=int, default=0, help="also try the first N layers as a draft (0: no)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile comparison")
+    args = parser.parse_args()
+    if args.threads: torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model, tokenizer = load_gguf(smollm2_path(), dtype=torch.float32)
+    stops = sorted(stop_token_ids(tokenizer))
+    chat = lambda text: tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    print(f"SmolLM2-135M-Instruct fp32, greedy, {args.new_tokens} new tokens max, best of {args.rounds} rounds, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    figures = {}
+
+    # 1. speculative greedy, batch 1
+    half = load_gguf(smollm2_path(), dtype=torch.float16)[0]     # an fp16 copy: cheaper where fp16 matmuls are fast
+    spec = {"plain": lambda ids: (model.generate(ids, max_new_tokens=args.new_tokens, eos_token_id=stops), None),
+            f"lookup k={args.num_draft}": lambda ids: _spec(model, ids, args, PromptLookupDraft(), args.num_draft, stops),
+            "fp16 copy k=4": lambda ids: _spec(model, ids, args, half, 4, stops)}
+    if args.draft_layers:   # layer skipping: the model's first layers (shared weights) as the draft
+        layer_draft = truncated_model(model, args.draft_layers)
+        spec[f"{args.draft_layers}-layer draft k=3"] = lambda ids: _spec(model, ids, args, layer_draft, 3, stops)
+    totals = {name: [0.0, 0, SpeculationStats()] for name in spec}
+    identical = True
+    print(f"\n{'prompt':<8}" + "".join(f"{name:>26}" for name in spec) + "   (tok/s, acceptance)")
+    for i, text in enumerate(SPEC_PROMPTS):
+        ids = torch.tensor([chat(text)])
+        best = best_of(args.rounds, {name: (lambda run=run: run(ids)) for name, run in spec.items()})
+        plain_out = best["plain"][1][0]
+        row = f"{i:<8}"
+        for name, (seconds, (out, stats)) in best.items():
+            num_new = out.shape[1] - ids.shape[1]
+            identical &= torch.equal(out, plain_out)
+            totals[name][0] += seconds; totals[name][1] += num_new
+            if stats: totals[name][2].proposed += stats.proposed; totals[name][2].accepted += stats.accepted
+            row += f"{num_new / seconds:>18.1f} tok/s" + (f" {stats.acceptance_rate:>4.0%}" if stats else "     ")
+        print(row)
+    plain_rate = totals["plain"][1] / totals["plain"][0]
+    for name, (seconds, tokens, stats) in totals.items():
+        print(f"{name:<26} {tokens / seconds:6.1f} tok/s  {tokens / seconds / plain_rate:5.2f}x plain"
+              + (f"  acceptance {stats.acceptance_rate:.0%}" if name != "plain" else ""))
+    print(f"speculative tokens identical to plain greedy: {identical}")
+    figures["spec_speedup"] = max(t[1] / t[0] for n, t in totals.items() if n != "plain") / plain_rate
+    figures["spec_identical"] = identical
+
+    # 2. batch 8 vs batch 1
+    prompts = [chat(text) for text in BATCH_PROMPTS]
+    n = args.new_tokens // 2
+    best = best_of(args.rounds, {"batch 1": lambda: [generate_batch(model, [p], n)[0] for p in prompts],
+                                 "batch 8": lambda: generate_batch(model, prompts, n)})
+    rate = {name: len(prompts) * n / seconds for name, (seconds, _) in best.items()}
+    rows_identical = best["batch 1"][1] == best["batch 8"][1]
+    print(f"\n8 prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, {n} new tokens each: "
+          f"batch 1 {rate['batch 1']:.1f} tok/s, batch 8 {rate['batch 8']:.1f} tok/s, "
+          f"{rate['batch 8'] / rate['batch 1']:.2f}x; rows identical to alone: {rows_identical}")
+    figures["batch8_vs_batch1"] = rate["batch 8"] / rate["batch 1"]
+    figures["batch_rows_identical"] = rows_identical
+
+    # 3. compiled decode step vs eager
+    if not args.no_compile:
+        compiled = compile_decode(copy.deepcopy(model))
+        ids = torch.tensor([prompts[3]])
+        start = time.perf_counter()
+        compiled.generate(ids, max_new_tokens=2); generate_batch(compiled, prompts, 2)
+        print(f"\ncompile_decode: first calls (compiling) {time.perf_counter() - start:.1f} s")
+        for label, run in (("batch 1", lambda m: m.generate(ids, max_new_tokens=n)),
+                           ("batch 8", lambda m: generate_batch(m, prompts, n))):
+            best = best_of(args.rounds, {"eager": lambda: run(model), "compiled": lambda: run(compiled)})
+            same = (torch.equal(best["eager"][1], best["compiled"][1]) if label == "batch 1"
+                    else best["eager"][1] == best["compiled"][1])
+            ratio = best["eager"][0] / best["compiled"][0]
+            print(f"compiled vs eager, {label}: {ratio:.2f}x, tokens identical: {same}")
+            figures[f"compile_vs_eager_{label.replace(' ', '')}"] = ratio
+    print("targets: spec_speedup >= 1.5 with spec_identical=True; batch8_vs_batch1 >= 4")
+    print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))
+
+
+def _spec(model, ids, args, draft, num_draft, stops):
+    "Speculative greedy generation: (output, stats)."
+    stats = SpeculationStats()
+    out = speculative_generate(model, ids, args.new_tokens, draft, num_draft, eos_token_id=stops, stats=stats)
+    return out, stats
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Speculative decoding (llm_book.speculative), batched generation and the compiled decode step (llm_book.batching),
+and the engine pieces they rest on (KVCache.crop, next_token_probs): tiny models and SmolLM2."""
+import copy
+
+import pytest
+import torch
+
+from llm_book.batching import compile_decode, generate_batch, pad_left
+from llm_book.core.generation import next_token_probs, sample_next_token
+from llm_book.gguf import load_gguf, smollm2_path
+from llm_book.models.configs import get_config
+from llm_book.models.gpt import GPT2
+from llm_book.models.llama import Llama
+from llm_book.models.mistral import Mistral
+from llm_book.speculative import (ModelDraft, PromptLookupDraft, SpeculationStats, accept_draft_tokens,
+                                  chi_square_pvalue, speculative_generate, speculative_stream, truncated_model)
+
+PROMPT = torch.tensor([[5, 9, 2, 7, 5, 9, 2, 7, 5, 9, 11]])
+
+
+def tiny(name="llama-tiny", **overrides):
+    "A tiny random model of the preset `name` in eval mode."
+    cls = {"llama-tiny": Llama, "gpt2-tiny": GPT2, "mistral-tiny": Mistral}[name]
+    return cls(get_config(name, **overrides)).eval()
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    "fp32 SmolLM2-135M-Instruct and its tokenizer (loaded once)."
+    return load_gguf(smollm2_path(), dtype=torch.float32)
+
+
+# --- speculative decoding: greedy is unchanged -----------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
+@pytest.mark.parametrize("draft_kind", ["lookup", "small", "self", "truncated"])
+@pytest.mark.parametrize("num_draft", [1, 4])
+def test_speculative_greedy_equals_plain_greedy(name, draft_kind, num_draft):
+    torch.manual_seed(0)
+    model = tiny(name)
+    small = tiny(name, num_layers=1, embed_dim=16, num_heads=2, hidden_dim=32,
+                 **({"num_kv_heads": 1} if name == "llama-tiny" else {}))
+    draft = {"lookup": None, "small": small, "self": model, "truncated": truncated_model(model, 1)}[draft_kind]
+    plain = model.generate(PROMPT, max_new_tokens=30)
+    stats = SpeculationStats()
+    assert torch.equal(speculative_generate(model, PROMPT, 30, draft, num_draft, stats=stats), plain)
+    assert stats.rounds + stats.accepted == 30                       # every round: the accepted guesses + 1
+    if draft_kind == "self": assert stats.acceptance_rate == 1.0
+
+
+def test_speculative_stream_stops_like_stream():
+    torch.manual_seed(0)
+    model = tiny()
+    plain = model.generate(PROMPT, max_new_tokens=30)[0, PROMPT.shape[1]:].tolist()
+    stop = plain[7]
+    expected = [int(t) for t in model.stream(PROMPT, max_new_tokens=30, eos_token_id=[stop, 127])]
+    got = [int(t) for t in speculative_stream(model, PROMPT, 30, tiny(num_layers=1), 3, eos_token_id=[stop, 127])]
+    assert got == expected and got[-1] == stop
+
+
+def test_speculative_greedy_equals_plain_smollm2(smollm2):
+    "A short run of the real model: prompt lookup and a layer-skipping draft give plain greedy's tokens."
+    model, tokenizer = smollm2
+    ids = torch.tensor([tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Repeat exactly: red, green, blue, red, green, blue, red, green."}],
+        add_generation_prompt=True)])
+    plain = model.generate(ids, max_new_tokens=16)
+    lookup_stats = SpeculationStats()
+    assert torch.equal(speculative_generate(model, ids, 16, None, 4, stats=lookup_stats), plain)
+    assert lookup_stats.accepted > 0                                 # the lookup did find something to copy
+    assert torch.equal(speculative_generate(model, ids, 16, truncated_model(model, 10), 3), plain)
+
+
+# --- speculative decoding: sampling keeps the model's distribution -----------------------------------------------
+
+def test_acceptance_rule_keeps_target_distribution():
+    "Chi-square with a fixed seed: the first token out follows p for a poor model draft and a one-hot (lookup) draft."
+    p = torch.tensor([0.10, 0.40, 0.05, 0.25, 0.20])
+    q = torch.tensor([0.50, 0.05, 0.30, 0.05, 0.10])
+    generator = torch.Generator().manual_seed(1)
+    guesses = torch.multinomial(q, 10_000, replacement=True, generator=generator).tolist()
+    first = [accept_draft_tokens(torch.stack([p, p]), [g], q[None], generator)[0] for g in guesses]
+    assert chi_square_pvalue(torch.bincount(torch.tensor(first), minlength=5), p) > 0.01
+    assert chi_square_pvalue(torch.bincount(torch.tensor(guesses), minlength=5), p) < 1e-6   # the test can fail
+    lookup = [accept_draft_tokens(torch.stack([p, p]), [0], None, generator)[0] for _ in range(5_000)]
+    assert chi_square_pvalue(torch.bincount(torch.tensor(lookup), minlength=5), p) > 0.01
+
+
+def test_acceptance_rule_edge_cases():
+    p = torch.tensor([0.0, 1.0, 0.0])
+    assert accept_draft_tokens(torch.stack([p, p, p]), [1, 1], None) == [1, 1, 1]      # all accepted + bonus
+    assert accept_draft_tokens(torch.stack([p, p]), [0], torch.tensor([[1.0, 0, 0]])) == [1]   # p(0)=0: rejected
+    assert accept_draft_tokens(p[None], [], None) == [1]                               # no guesses: one sample
+
+
+def test_next_token_probs_is_what_sample_next_token_draws_from():
+    logits = torch.randn(3, 10)
+    for kwargs in (dict(temperature=0.8), dict(temperature=1.3, top_k=4), dict(temperature=1.0, top_p=0.7)):
+        probs = next_token_probs(logits, **kwargs)
+        drawn = sample_next_token(logits, generator=torch.Generator().manual_seed(3), **kwargs)
+        assert torch.equal(drawn, torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(3))[:, 0])
+    assert torch.equal(next_token_probs(logits, 0.0).argmax(-1), logits.argmax(-1))
+
+
+# --- speculative decoding: bad input ------------------------------------------------------------------------------
+
+def test_speculative_bad_input():
+    model = tiny()
+    with pytest.raises(ValueError, match="draft has vocab_size 64 but the model has 128"):
+        speculative_generate(model, PROMPT, 5, tiny(vocab_size=64))
+    with pytest.raises(ValueError, match="draft has vocab_size 64"):
+        speculative_generate(model, PROMPT, 5, ModelDraft(tiny(vocab_size=64)))
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="num_draft must be an int >= 1"):
+            speculative_generate(model, PROMPT, 5, None, bad)
+    with pytest.raises(ValueError, match="got batch size 2; use generate_batch"):
+        speculative_generate(model, PROMPT.repeat(2, 1), 5)
+    with pytest.raises(ValueError, match="draft must be None, a model or an object with propose"):
+        speculative_generate(model, PROMPT, 5, "lookup")
+    with pytest.raises(ValueError, match="top_k only applies when sampling"):
+        speculative_generate(model, PROMPT, 5, top_k=3)
+    with pytest.raises(ValueError, match="rolling cache \\(window_size=8\\) cannot"):
+        speculative_generate(tiny("mistral-tiny"), PROMPT, 5)
+    with pytest.raises(ValueError, match="num_layers must be an int in \\[1, 2\\]"):
+        truncated_model(model, 0)
+    with pytest.raises(ValueError, match="min_ngram <= max_ngram"):
+        PromptLookupDraft(max_ngram=2, min_ngram=3)
+
+
+def test_crop_with_left_padding_continues_like_no_guess():
+    "Guessed tokens fed to a left-padded batch and cropped away leave the cache as if they were never fed."
+    torch.manual_seed(0)
+    model = tiny()
+    ids, mask = pad_left([[3, 4, 5, 6], [7, 8]])
+    cache = model.new_cache()
+    model(ids, mask, cache=cache, use_cache=True)
+    model(torch.tensor([[1, 2, 3], [4, 5, 6]]), cache=cache, use_cache=True)          # guesses ...
+    cache.crop(4)                                                                      # ... taken back
+    fresh = model.new_cache()
+    model(ids, mask, cache=fresh, use_cache=True)
+    step = torch.tensor([[9], [10]])
+    assert torch.allclose(model(step, cache=cache, use_cache=True)[0], model(step, cache=fresh, use_cache=True)[0],
+                          atol=1e-6)
+    assert torch.equal(cache.num_real, fresh.num_real)
+
+
+# --- batched generation -----------------------------------------------------------------------------------------
+
+def test_generate_batch_rows_equal_prompts_alone():
+    torch.manual_seed(0)
+    for model in (tiny(), tiny("gpt2-tiny")):
+        prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [6, 5], [3, 5, 8], [9]]
+        alone = [model.generate(torch.tensor([p]), max_new_tokens=10)[0, len(p):].tolist() for p in prompts]
+        assert generate_batch(model, prompts, 10) == alone
+        stop = alone[0][2]
+        alone_stopped = [model.generate(torch.tensor([p]), max_new_tokens=10, eos_token_id=stop)[0, len(p):].tolist()
+                         for p in prompts]
+        assert generate_batch(model, prompts, 10, eos_token_id=stop) == alone_stopped
+
+
+def test_generate_batch_smollm2(smollm2):
+    model, tokenizer = smollm2
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+               for text in ("Hi!", "What is the capital of France? Answer in one word.", "Name a color.")]
+    alone = [model.generate(torch.tensor([p]), max_new_tokens=8)[0, len(p):].tolist() for p in prompts]
+    assert generate_batch(model, prompts, 8) == alone
+
+
+def test_generate_batch_bad_input():
+    model = tiny()
+    with pytest.raises(ValueError, match="prompts must be a non-empty list"):
+        generate_batch(model, [], 3)
+    with pytest.raises(ValueError, match=r"prompts\[1\] must be a non-empty list of int token ids"):
+        generate_batch(model, [[1, 2], []], 3)
+    with pytest.raises(ValueError, match="input_ids has id 300 >= vocab_size 128"):
+        generate_batch(model, [[1, 300]], 3)
+    with pytest.raises(ValueError, match="pad_id must be an int token id"):
+        generate_batch(model, [[1, 2]], 3, pad_id=-1)
+
+
+# --- the compiled decode step -----------------------------------------------------------------------------------
+
+def test_compiled_decode_agrees_with_eager():
+    "compile_decode (opt-in): same logits (to float tolerance) and the same greedy tokens, batched and not."
+    torch.manual_seed(0)
+    model = tiny()
+    compiled = compile_decode(copy.deepcopy(model))
+    assert compiled.state_dict().keys() == model.state_dict().keys()      # compiled in place: names unchanged
+    prompts = [[3, 1, 4, 1, 5], [9, 2]]
+    assert generate_batch(compiled, prompts, 6) == generate_batch(model, prompts, 6)
+    with torch.no_grad():
+        assert torch.allclose(compiled(PROMPT), model(PROMPT), atol=1e-5)
