@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['DEFAULT_TIMEOUT_S', 'DDP_CHECK_SCRIPT', 'FSDP_CHECK_SCRIPT', 'DistributedInfo', 'distributed_timeout',
-           'setup_distributed', 'cleanup_distributed', 'child_env', 'launch', 'shard_model', 'tiny_trainer']
+           'setup_distributed', 'cleanup_distributed', 'child_env', 'launch', 'free_port', 'multinode_command',
+           'shard_model', 'tiny_trainer']
 
 # %% ../../nbs/35_distributed.ipynb #a6aa5eab
 import datetime
@@ -64,8 +65,8 @@ def setup_distributed(backend:str|None=None, # None: 'nccl' with CUDA, else 'glo
     if not dist.is_initialized():
         address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         try: dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=wait)
-        except (RuntimeError, ValueError) as e:   # DistNetworkError / DistStoreError: nobody answered at the address
-            raise RuntimeError(f"rank {rank} of {world_size} could not join the rendezvous at {address} within "
+        except (RuntimeError, ValueError) as e:   # DistNetworkError / DistStoreError: nobody answered in time
+            raise ConnectionError(f"rank {rank} of {world_size} could not join the rendezvous at {address} within "
                                f"{wait.total_seconds():g} s; is rank 0 running and the address reachable? ({type(e).__name__}: "
                                f"{str(e).splitlines()[0] if str(e) else ''})") from e
     return DistributedInfo(rank, local_rank, world_size, device)
@@ -99,6 +100,30 @@ def launch(script:str|Path, # the Python script every rank runs
     if result.returncode != 0:
         raise RuntimeError(f"torchrun exited with {result.returncode}:\n{result.stderr[-3000:]}")
     return result
+
+# %% ../../nbs/35_distributed.ipynb #5d360e87
+def free_port() -> int:
+    "A TCP port on 127.0.0.1 that nothing listens on right now."
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+def multinode_command(args:list[str], # what each worker runs: a script and its arguments, or ['-m', 'module', ...]
+                      nnodes:int, # machines (torchrun agents) that must join
+                      nproc_per_node:int, # workers per machine
+                      rdzv_endpoint:str, # host:port of the rendezvous (on the first machine)
+                      rdzv_id:str="llm_book", # the job's name at the rendezvous
+                      join_timeout:float=600, # seconds to wait for all machines
+                      is_host:bool|None=None, # whether this agent hosts the rendezvous (None: torchrun decides)
+                     ) -> list[str]:
+    "The torchrun command one machine runs to join a multi-node job through a c10d rendezvous."
+    if nnodes < 1 or nproc_per_node < 1: raise ValueError(f"nnodes and nproc_per_node must be >= 1, got {nnodes} and {nproc_per_node}")
+    host, _, port = rdzv_endpoint.rpartition(":")
+    if not host or not port.isdigit(): raise ValueError(f"rdzv_endpoint must be 'host:port', got {rdzv_endpoint!r}")
+    conf = f"join_timeout={join_timeout:g}" + ("" if is_host is None else f",is_host={str(is_host).lower()}")
+    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}", f"--rdzv-conf={conf}",
+            "--max-restarts=0", *map(str, args)]
 
 # %% ../../nbs/35_distributed.ipynb #eb3e5e07
 DDP_CHECK_SCRIPT = '''

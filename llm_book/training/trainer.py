@@ -255,7 +255,7 @@ class Trainer:
         self.device = resolve_device(device)
         torch.manual_seed(config.seed + self.rank)   # dropout differs between ranks, as it should
         random.seed(config.seed + self.rank)
-        self.model = model.to(self.device)
+        self.model, self.model_class_name = model.to(self.device), type(model).__name__   # FSDP renames the class: keep the model's
         if config.fsdp:   # before the optimizer, which must hold the sharded parameters
             from .distributed import shard_model
             shard_model(model, mixed_precision=config.fsdp_mixed_precision)
@@ -482,7 +482,7 @@ def save_checkpoint(self:Trainer, path:str|Path|None=None, # None: `out_dir/chec
         tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}   # one copy, for the checksums and the file
         scheduler_state = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
         metadata = {"format": CHECKPOINT_FORMAT, "step": str(self.step), "tokens_seen": str(self.tokens_seen),
-                    "trainer_config": json.dumps(asdict(self.config)), "model_class": type(self.model).__name__,
+                    "trainer_config": json.dumps(asdict(self.config)), "model_class": self.model_class_name,
                     "model_config": json.dumps(dict(self.model.config) if isinstance(getattr(self.model, "config", None), Mapping) else None),
                     "aliases": json.dumps(aliases), "optimizer_param_groups": json.dumps(optimizer_state["param_groups"]),
                     "scheduler": json.dumps(scheduler_state), "rng": json.dumps(rng_states), "data": json.dumps(data_states),
