@@ -5,6 +5,8 @@ batch 12, no dropout, no biases, lr 1e-3 cosine to 1e-4 over the run, warm-up 10
 grad clip 1.0, 2000 steps, 90/10 split. Target: val loss <= 1.88, and a Trainer step no slower than a plain
 PyTorch loop over the same model (measured in this run, alternating step by step, ratio printed).
 Also printed: peak memory and model FLOPs utilisation against this machine's measured matmul throughput.
+Also: `Trainer(compile=True)` (`llm_book train --compile`) against eager, alternating step by step after the compile,
+with the one-off compile time; it says whether compiling wins on this machine.
 Run: .venv/bin/python benchmarks/train.py [--steps N]; the last line is `val_loss=<float> ms_per_step=<median>`.
 """
 import argparse
@@ -65,10 +67,27 @@ def compare_step_times(vocab_size, train_ids, train_ds, steps):
     return statistics.median(trainer.step_times[skip:]), statistics.median(plain_times[skip:])
 
 
+def compare_compile(vocab_size, train_ds, steps):
+    "(compile seconds, median ms per step eager, median ms per step compiled): the same model and batches, alternating."
+    trainers = {compile: Trainer(make_model(vocab_size), train_ds, max_steps=steps + 3, batch_size=BATCH, lr=1e-3, min_lr=1e-4,
+                                 warmup_steps=10, beta2=0.99, eval_interval=0, progress=False, compile=compile)
+                for compile in (False, True)}
+    started = time.perf_counter()
+    for _ in range(3): trainers[True].train_step()   # the first steps compile (forward, backward, and a recompile or two)
+    compile_seconds = time.perf_counter() - started
+    trainers[False].step_times.clear(); trainers[True].step_times.clear()
+    for _ in range(3): trainers[False].train_step()  # the eager one catches up to the same step
+    trainers[False].step_times.clear()
+    for _ in range(steps):
+        trainers[False].train_step(); trainers[True].train_step()
+    return compile_seconds, statistics.median(trainers[False].step_times), statistics.median(trainers[True].step_times)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--timing-steps", type=int, default=100, help="steps of each loop in the speed comparison")
+    parser.add_argument("--compile-steps", type=int, default=100, help="steps of eager and compiled training compared (0: skip)")
     args = parser.parse_args()
 
     text = DATA.read_text(encoding="utf-8")
@@ -82,6 +101,15 @@ def main():
     our_ms, plain_ms = compare_step_times(tokenizer.vocab_size, train_ids, train_ds, args.timing_steps)
     print(f"step time ({args.timing_steps} alternating steps each): Trainer {our_ms:.1f} ms, plain PyTorch loop {plain_ms:.1f} ms, "
           f"ratio Trainer/plain {our_ms / plain_ms:.3f}")
+
+    # 1b. torch.compile against eager, the same recipe model.
+    if args.compile_steps:
+        compile_s, eager_ms, compiled_ms = compare_compile(tokenizer.vocab_size, train_ds, args.compile_steps)
+        device = "GPU" if torch.cuda.is_available() else "CPU"
+        verdict = (f"compiling wins, and pays for its compile time after {compile_s * 1000 / (eager_ms - compiled_ms):.0f} steps"
+                   if compiled_ms < eager_ms else "compiling does not win here")
+        print(f"torch.compile ({args.compile_steps} alternating steps each, after {compile_s:.0f} s of compiling): eager {eager_ms:.1f} ms, "
+              f"compiled {compiled_ms:.1f} ms, speed-up {eager_ms / compiled_ms:.2f}x on this {device}: {verdict}")
 
     # 2. The recipe: 2000 steps with the Trainer.
     model = make_model(tokenizer.vocab_size)

@@ -534,6 +534,8 @@ def load_checkpoint(self:Trainer, path:str|Path|None=None, # None: `out_dir/chec
         for group in self.optimizer.param_groups: group["betas"] = tuple(group["betas"])
         self.scheduler.load_state_dict({**field("scheduler"), "lr_lambdas": [None] * len(param_groups)})
         rngs, data_states = field("rng"), field("data")
+        for key, entries in [("rng", rngs), ("data", data_states)]:   # one entry per process of the writing run
+            if len(entries) != world_size: raise IndexError(f"{key!r} has {len(entries)} entries for {world_size} process(es)")
         if self.rank < len(rngs):   # a rank the writing run did not have keeps the seeds it started with
             rng = rngs[self.rank]
             torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
