@@ -417,4 +417,6 @@ def main(argv:list[str]|None=None, # the arguments (default: sys.argv[1:])
         print(f"llm_book {args.command}: error: {message}", file=sys.stderr)
         return 2
 
-if __name__ == "__main__": sys.exit(main())   # `python -m llm_book.cli ...`: what torchrun runs on each rank
+# %% ../nbs/36_cli.ipynb #f01f08c6
+#| eval: false
+if __name__ == "__main__": sys.exit(main())   # `python -m llm_book.cli ...`, as torchrun runs it on each rank (not run in the notebook)

@@ -88,6 +88,7 @@ def test_fsdp_two_processes_match_one_and_checkpoints_resume_across_world_sizes(
     assert [r["step"] for r in read_log(tmp_path / "fsdp" / "log.jsonl") if r["split"] == "train"] == list(range(1, 9))
     for run in ["fsdp", "single_step4", "fsdp_to_single"]:   # sharded fresh; single -> sharded; sharded -> single
         loss_diff, weight_diff = largest_differences(tmp_path / run, tmp_path / "single")
+        print(f"{run} vs one process: max |loss difference| {loss_diff:.1e}, max |weight difference| {weight_diff:.1e}")
         assert loss_diff < 1e-5 and weight_diff < 1e-5, (run, loss_diff, weight_diff)
     assert min(r["step"] for r in read_log(tmp_path / "single_step4" / "log.jsonl")) == 5   # it did resume at step 4
     # bf16 compute with fp32 reduction: close to fp32 but not equal (the policy is in effect); stored weights stay fp32
@@ -127,6 +128,7 @@ def test_two_torchrun_agents_on_a_c10d_rendezvous_train_as_one_process(tmp_path)
     assert [agent.returncode for agent in agents] == [0, 0], [err[-2000:] for _, err in outputs]
     assert "2 processes x batch 4 (FSDP)" in outputs[0][0] + outputs[1][0]
     loss_diff, weight_diff = largest_differences(tmp_path / "two_nodes", tmp_path / "single")
+    print(f"two nodes vs one process: max |loss difference| {loss_diff:.1e}, max |weight difference| {weight_diff:.1e}")
     assert loss_diff < 1e-5 and weight_diff < 1e-5, (loss_diff, weight_diff)
     assert len(read_log(tmp_path / "two_nodes" / "log.jsonl")) == len(read_log(tmp_path / "single" / "log.jsonl"))
 
