@@ -202,6 +202,7 @@ trainer.fit()                                                     # ... and on t
 if (work / "single_step4").is_dir():                              # 2. resume a single process's checkpoint, sharded
     tiny_trainer(work / "single_step4", batch_size, fsdp=True, resume=True).fit()
 tiny_trainer(work / "fsdp_bf16", batch_size, fsdp=True, fsdp_mixed_precision=True).fit()   # 3. bf16 compute, fp32 reduce
+tiny_trainer(work / "fsdp_accum", batch_size // 2, fsdp=True, grad_accum_steps=2).fit()      # 4. two micro-batches per step
 cleanup_distributed()
 """
-"The FSDP check: `torchrun ... script.py WORK_DIR BATCH_SIZE` writes the runs `fsdp`, `single_step4` (if given) and `fsdp_bf16`."
+"The FSDP check: `torchrun ... script.py WORK_DIR BATCH_SIZE` writes the runs `fsdp`, `single_step4` (if given), `fsdp_bf16` and `fsdp_accum`."
