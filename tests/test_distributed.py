@@ -207,7 +207,9 @@ def test_a_checkpoint_from_another_world_size_resumes_only_with_the_same_global_
     path = tmp_path / "run" / "checkpoint.safetensors"
     tensors, metadata = read_checkpoint(path)   # as if 2 processes x batch 4 had written it (the same global batch of 8)
     config = json.loads(metadata["trainer_config"]); config["batch_size"] = 4
-    metadata = {**{k: v for k, v in metadata.items() if k != "checksums"}, "world_size": "2", "trainer_config": json.dumps(config)}
+    two = lambda key: json.dumps(json.loads(metadata[key]) * 2)   # one rng state and data position per process
+    metadata = {**{k: v for k, v in metadata.items() if k != "checksums"}, "world_size": "2", "trainer_config": json.dumps(config),
+                "rng": two("rng"), "data": two("data")}
     atomic_save_safetensors(tensors, with_checksums(tensors, metadata), path)
     with pytest.raises(ValueError, match=r"written by 2 process\(es\) x batch_size 4 = a global batch of 8; this run has 1 x 4 = 4.*use batch_size 8"):
         tiny_trainer(tmp_path / "run", 4, steps=4, resume=True)
