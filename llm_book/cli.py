@@ -19,13 +19,15 @@ import time
 from pathlib import Path
 
 # %% ../nbs/36_cli.ipynb #5149886c
-def model_class(architecture:str, # a config's "architecture": gpt, gpt2, llama or mistral
+def model_class(architecture:str, # a config's "architecture": one of `llm_book.core.config.ARCHITECTURES`
                ):
     "The model class that builds `architecture`."
     from llm_book.models.gpt import GPT, GPT2
     from llm_book.models.llama import Llama
     from llm_book.models.mistral import Mistral
-    classes = {"gpt": GPT, "gpt2": GPT2, "llama": Llama, "mistral": Mistral}
+    from llm_book.models.mixtral import Mixtral
+    from llm_book.models.gemma3 import Gemma3
+    classes = {"gpt": GPT, "gpt2": GPT2, "llama": Llama, "mistral": Mistral, "mixtral": Mixtral, "gemma3": Gemma3}
     if architecture not in classes: raise ValueError(f"architecture {architecture!r} is unknown; expected one of {sorted(classes)}")
     return classes[architecture]
 

@@ -11,11 +11,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .core.config import ModelConfig
 from .core.gelu import GELU
 from .models.gpt import GPT, GPT2
 from .models.llama import Llama
 from .models.mistral import Mistral
-from .tokenizers.base_tokenizer import BaseTokenizer
+from .models.qwen3 import Qwen3
+from .models.mixtral import Mixtral
+from .models.gemma3 import Gemma3
+from .core.rope_scaling import check_rope_scaling
+from .tokenizers.base_tokenizer import BaseTokenizer, current_umask
+
 
 # %% auto #0
 __all__ = ['ARCHITECTURES', 'architecture_of', 'unsupported_hf_settings', 'config_from_hf', 'config_to_hf', 'hf_name_table',
@@ -28,13 +34,17 @@ ARCHITECTURES = {  # llm_book architecture name -> (our model class, 🤗 model_
     "gpt2": (GPT2, "gpt2"),
     "llama": (Llama, "llama"),
     "mistral": (Mistral, "mistral"),
+    "qwen3": (Qwen3, "qwen3"),
+    "mixtral": (Mixtral, "mixtral"),
+    "gemma3": (Gemma3, "gemma3_text"),   # Gemma3ForCausalLM with a text-only Gemma3TextConfig
 }
 
 def architecture_of(model: nn.Module) -> str:
     "The architecture name (`gpt`, `gpt2`, `llama`, `mistral`) of one of our models."
-    for arch in ("mistral", "llama", "gpt2", "gpt"):  # Mistral subclasses Llama, GPT2 GPT: most specific first
+    if getattr(model, "architecture", None) in ARCHITECTURES: return model.architecture   # each model class names its own
+    for arch in ("gemma3", "mixtral", "qwen3", "mistral", "llama", "gpt2", "gpt"):  # subclasses before their parents: most specific first
         if isinstance(model, ARCHITECTURES[arch][0]): return arch
-    raise ValueError(f"model is a {type(model).__name__}; expected one of GPT, GPT2, Llama, Mistral")
+    raise ValueError(f"model is a {type(model).__name__}; expected one of {', '.join(c.__name__ for c, _ in ARCHITECTURES.values())}")
 
 # %% ../nbs/40_hf.ipynb #127f5a02
 # Activation names Transformers resolves to the tanh GELU 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), llm_book's GPT-2 one
@@ -48,6 +58,11 @@ def _rope_parameters(hf_config) -> dict:
     params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
     params.setdefault("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0))
     return params
+
+def _llama3_scaling(rope:dict) -> dict:
+    "Our `rope_scaling` entry from 🤗 `rope_parameters` of type 'llama3' (the keys chapter 13 needs)."
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    return dict(rope_type="llama3", **{key: rope[key] for key in keys if key in rope})
 
 def unsupported_hf_settings(hf_config) -> list[str]:
     "Every setting of a 🤗 config that changes what the model computes in a way llm_book's models cannot."
@@ -70,10 +85,14 @@ def unsupported_hf_settings(hf_config) -> list[str]:
             refuse("activation_function", get("activation_function"), f"llm_book's GPT-2 uses the tanh GELU, one of {_TANH_GELUS}")
         if get("add_cross_attention", False):
             refuse("add_cross_attention", True, "llm_book's GPT-2 is decoder-only, with no cross-attention")
-    elif model_type in ("llama", "mistral"):
+    elif model_type in ("llama", "mistral", "qwen3", "mixtral"):
         rope = _rope_parameters(hf_config)
-        if rope.get("rope_type", "default") != "default":
-            refuse("rope_parameters['rope_type']", rope["rope_type"], "llm_book implements only the original ('default') RoPE, no scaling")
+        if rope.get("rope_type", "default") not in ("default", "llama3"):
+            refuse("rope_parameters['rope_type']", rope["rope_type"],
+                   "llm_book implements the original ('default') RoPE and Llama 3's scaling ('llama3'), no other")
+        elif rope.get("rope_type") == "llama3":
+            try: check_rope_scaling(_llama3_scaling(rope))
+            except ValueError as e: refuse("rope_parameters", rope, str(e))
         if rope["partial_rotary_factor"] not in (None, 1, 1.0):
             refuse("partial_rotary_factor", rope["partial_rotary_factor"], "llm_book rotates every dimension of each head")
         if get("hidden_act", "silu") not in ("silu", "swish"):
@@ -84,20 +103,58 @@ def unsupported_hf_settings(hf_config) -> list[str]:
             if get("sliding_window") is not None:
                 refuse("sliding_window", get("sliding_window"),
                        "Transformers' Llama ignores it, llm_book's Llama has no window: remove it, or use model_type 'mistral'")
+        elif model_type == "qwen3":
+            if get("sliding_window") is not None or "sliding_attention" in (get("layer_types") or ()):
+                refuse("use_sliding_window/sliding_window", (get("use_sliding_window"), get("sliding_window")),
+                       "llm_book's Qwen3 has full attention in every layer")
         else:
             if get("use_sliding_window") is False and get("sliding_window") is not None:
                 refuse("use_sliding_window", False, f"Transformers' Mistral ignores it and applies sliding_window="
                        f"{get('sliding_window')} anyway: set sliding_window to None for full attention")
+            if model_type == "mixtral" and get("router_jitter_noise", 0.0):
+                refuse("router_jitter_noise", get("router_jitter_noise"), "llm_book's Mixtral routes without training-time noise")
             if len(set(get("layer_types") or ())) > 1:
                 refuse("layer_types", get("layer_types"), "Transformers' Mistral ignores per-layer attention types, "
                        "llm_book's Mistral has one window for every layer")
+    elif model_type == "gemma3_text": problems += _unsupported_gemma3_settings(hf_config)
+    return problems
+
+def _gemma3_pattern(layer_types) -> int|None:
+    "The p for which layer i is global iff (i + 1) % p == 0 (Gemma 3: p = 6), or None if `layer_types` follows no such p."
+    for p in range(1, len(layer_types) + 2):
+        if list(layer_types) == ["full_attention" if (i + 1) % p == 0 else "sliding_attention" for i in range(len(layer_types))]:
+            return p
+    return None
+
+def _unsupported_gemma3_settings(hf_config) -> list[str]:
+    "The settings of a 🤗 `Gemma3TextConfig` that llm_book's Gemma3 cannot compute, each named."
+    get = lambda name, default=None: getattr(hf_config, name, default)
+    problems = []
+    def refuse(field, value, why): problems.append(f"{field}={value!r} ({why})")
+    for layer_type, rope in (get("rope_parameters") or {}).items():
+        if (rope or {}).get("rope_type", "default") != "default":
+            refuse(f"rope_parameters[{layer_type!r}]['rope_type']", rope["rope_type"],
+                   "llm_book's Gemma3 implements the original ('default') RoPE, no scaling")
+    if get("hidden_activation", "gelu_pytorch_tanh") not in _TANH_GELUS:
+        refuse("hidden_activation", get("hidden_activation"), f"llm_book's GeGLU gates with the tanh GELU, one of {_TANH_GELUS}")
+    if get("attn_logit_softcapping") is not None:
+        refuse("attn_logit_softcapping", get("attn_logit_softcapping"), "llm_book's attention does not soft-cap its scores (Gemma 3 does not)")
+    if get("use_bidirectional_attention", False):
+        refuse("use_bidirectional_attention", True, "llm_book's Gemma3 is a causal language model")
+    if get("attention_bias", False):
+        refuse("attention_bias", True, "llm_book's Gemma3 has no biases")
+    if get("sliding_window") is None:
+        refuse("sliding_window", None, "llm_book's Gemma3 needs the window of its local layers")
+    if _gemma3_pattern(get("layer_types") or ()) is None:
+        refuse("layer_types", get("layer_types"), "llm_book's Gemma3 makes every sliding_window_pattern-th layer global, the rest local")
     return problems
 
 def config_from_hf(hf_config) -> dict:
     "Our config dict (with its `architecture`) for a 🤗 `OpenAIGPTConfig`, `GPT2Config`, `LlamaConfig` or `MistralConfig`."
     model_type = getattr(hf_config, "model_type", None)
-    if model_type not in ("openai-gpt", "gpt2", "llama", "mistral"):
-        raise ValueError(f"hf_config has model_type {model_type!r}; expected 'openai-gpt', 'gpt2', 'llama' or 'mistral'")
+    if model_type not in ("openai-gpt", "gpt2", "llama", "mistral", "qwen3", "mixtral", "gemma3_text"):
+        raise ValueError(f"hf_config has model_type {model_type!r}; expected 'openai-gpt', 'gpt2', 'llama', 'mistral', "
+                         "'qwen3', 'mixtral' or 'gemma3_text' (Gemma 3's text model: Gemma3ForCausalLM)")
     problems = unsupported_hf_settings(hf_config)
     if problems: raise ValueError(f"hf_config ({model_type}) has settings llm_book cannot reproduce: " + "; ".join(problems))
     if model_type == "openai-gpt":   # post-LN blocks, no final norm, an MLP always 4 × n_embd wide
@@ -112,6 +169,17 @@ def config_from_hf(hf_config) -> dict:
             num_layers=hf_config.n_layer, max_position_embeddings=hf_config.n_positions,
             hidden_dim=hf_config.n_inner or 4 * hf_config.n_embd, norm_eps=hf_config.layer_norm_epsilon,
             dropout=hf_config.resid_pdrop, bias=True, tie_word_embeddings=hf_config.tie_word_embeddings)
+    if model_type == "gemma3_text":
+        rope = hf_config.rope_parameters
+        return dict(
+            architecture="gemma3", vocab_size=hf_config.vocab_size, embed_dim=hf_config.hidden_size,
+            num_heads=hf_config.num_attention_heads, num_kv_heads=hf_config.num_key_value_heads, head_dim=hf_config.head_dim,
+            num_layers=hf_config.num_hidden_layers, hidden_dim=hf_config.intermediate_size,
+            max_position_embeddings=hf_config.max_position_embeddings, norm_eps=hf_config.rms_norm_eps,
+            dropout=hf_config.attention_dropout, bias=False, tie_word_embeddings=hf_config.tie_word_embeddings,
+            rope_base=float(rope["full_attention"]["rope_theta"]), local_rope_base=float(rope["sliding_attention"]["rope_theta"]),
+            window_size=hf_config.sliding_window, sliding_window_pattern=_gemma3_pattern(hf_config.layer_types),
+            query_pre_attn_scalar=hf_config.query_pre_attn_scalar, final_logit_softcapping=hf_config.final_logit_softcapping)
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
     config = dict(
         architecture=model_type, vocab_size=hf_config.vocab_size, embed_dim=hf_config.hidden_size,
@@ -120,11 +188,17 @@ def config_from_hf(hf_config) -> dict:
         num_layers=hf_config.num_hidden_layers, hidden_dim=hf_config.intermediate_size,
         max_position_embeddings=hf_config.max_position_embeddings, rope_base=float(_rope_parameters(hf_config)["rope_theta"]),
         norm_eps=hf_config.rms_norm_eps, dropout=hf_config.attention_dropout,
-        # Transformers' Mistral has no biases whatever its config says; its Llama has `attention_bias` = `mlp_bias`
-        bias=bool(getattr(hf_config, "attention_bias", False)) and model_type == "llama",
+        # Transformers' Mistral has no biases whatever its config says; its Llama has `attention_bias` = `mlp_bias`;
+        # its Qwen3 has `attention_bias` on the attention only (never on the MLP), as our Qwen3's `bias`
+        bias=bool(getattr(hf_config, "attention_bias", False)) and model_type in ("llama", "qwen3"),
         tie_word_embeddings=hf_config.tie_word_embeddings)
     if head_dim * hf_config.num_attention_heads != hf_config.hidden_size: config["head_dim"] = head_dim
-    if model_type == "mistral": config["window_size"] = hf_config.sliding_window
+    if model_type in ("mistral", "mixtral"): config["window_size"] = hf_config.sliding_window
+    if model_type == "mixtral":
+        config |= dict(num_experts=hf_config.num_local_experts, num_experts_per_tok=hf_config.num_experts_per_tok,
+                       router_aux_loss_coef=float(hf_config.router_aux_loss_coef))
+    rope = _rope_parameters(hf_config)
+    if rope.get("rope_type") == "llama3": config["rope_scaling"] = _llama3_scaling(rope)
     return config
 
 # %% ../nbs/40_hf.ipynb #51ba0f01
@@ -133,8 +207,9 @@ def config_to_hf(config: dict, # an llm_book config dict (`llm_book.models.confi
     "The 🤗 config (`OpenAIGPTConfig`, `GPT2Config`, `LlamaConfig` or `MistralConfig`) for one of our configs."
     import transformers
     c, arch = config, config.get("architecture")
-    if arch not in ("gpt", "gpt2", "llama", "mistral"):
-        raise ValueError(f"config architecture is {arch!r}; expected 'gpt', 'gpt2', 'llama' or 'mistral'")
+    if arch not in ("gpt", "gpt2", "llama", "mistral", "qwen3", "mixtral", "gemma3"):
+        raise ValueError(f"config architecture is {arch!r}; expected 'gpt', 'gpt2', 'llama', 'mistral', 'qwen3', 'mixtral' or 'gemma3'")
+    if arch in ("mixtral", "gemma3"): c = dict(ModelConfig.from_dict(config))   # their own keys, defaults filled in
     # settings of ours that the 🤗 class cannot express
     problems = []
     head_dim = c.get("head_dim") or c["embed_dim"] // c["num_heads"]
@@ -149,9 +224,11 @@ def config_to_hf(config: dict, # an llm_book config dict (`llm_book.models.confi
             problems.append(f"head_dim={head_dim} (Transformers' {name} needs head_dim = embed_dim / num_heads)")
     if arch == "gpt" and c.get("hidden_dim") not in (None, 4 * c["embed_dim"]):
         problems.append(f"hidden_dim={c['hidden_dim']} (Transformers' OpenAI GPT's MLP is 4 × embed_dim wide)")
-    if arch == "mistral" and c.get("bias", False):
-        problems.append("bias=True (Transformers' Mistral has no biases)")
-    if arch == "llama" and c.get("window_size") is not None:
+    if arch in ("mistral", "mixtral", "gemma3") and c.get("bias", False):
+        problems.append(f"bias=True (Transformers' {arch.capitalize()} has no biases)")
+    if arch == "gemma3" and c.get("window_size") is None:
+        problems.append("window_size=None (Transformers' Gemma 3 needs the sliding window of its local layers)")
+    if arch in ("llama", "qwen3") and c.get("window_size") is not None:
         problems.append(f"window_size={c['window_size']} (Transformers' Llama has no sliding window: use Mistral)")
     if problems: raise ValueError(f"config ({arch}) has settings Transformers cannot reproduce: " + "; ".join(problems))
     if arch == "gpt":
@@ -168,18 +245,37 @@ def config_to_hf(config: dict, # an llm_book config dict (`llm_book.models.confi
                       layer_norm_epsilon=c.get("norm_eps", 1e-5), resid_pdrop=c.get("dropout", 0.0),
                       embd_pdrop=c.get("dropout", 0.0), attn_pdrop=c.get("dropout", 0.0),
                       tie_word_embeddings=c.get("tie_word_embeddings", True), bos_token_id=None, eos_token_id=None)
+    elif arch == "gemma3":
+        hf_class, num_layers, pattern = transformers.Gemma3TextConfig, c["num_layers"], c["sliding_window_pattern"]
+        rope = lambda base: dict(rope_type="default", rope_theta=float(base))
+        fields = dict(vocab_size=c["vocab_size"], hidden_size=c["embed_dim"], num_attention_heads=c["num_heads"],
+                      num_key_value_heads=c["num_kv_heads"], head_dim=head_dim, num_hidden_layers=num_layers,
+                      intermediate_size=c["hidden_dim"], max_position_embeddings=c["max_position_embeddings"],
+                      rms_norm_eps=c["norm_eps"], hidden_activation="gelu_pytorch_tanh", attention_bias=False,
+                      rope_parameters=dict(full_attention=rope(c["rope_base"]), sliding_attention=rope(c["local_rope_base"])),
+                      sliding_window=c["window_size"], query_pre_attn_scalar=c["query_pre_attn_scalar"],
+                      layer_types=["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(num_layers)],
+                      final_logit_softcapping=c["final_logit_softcapping"], attn_logit_softcapping=None,
+                      attention_dropout=c["dropout"], tie_word_embeddings=c["tie_word_embeddings"],
+                      pad_token_id=None, bos_token_id=None, eos_token_id=None)
     else:
-        hf_class = transformers.LlamaConfig if arch == "llama" else transformers.MistralConfig
+        hf_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig, "qwen3": transformers.Qwen3Config,
+                    "mixtral": transformers.MixtralConfig}[arch]
         fields = dict(vocab_size=c["vocab_size"], hidden_size=c["embed_dim"], num_attention_heads=c["num_heads"],
                       num_key_value_heads=c.get("num_kv_heads") or c["num_heads"],
                       head_dim=head_dim, num_hidden_layers=c["num_layers"],
                       intermediate_size=c["hidden_dim"], max_position_embeddings=c["max_position_embeddings"],
                       rms_norm_eps=c.get("norm_eps", 1e-6), hidden_act="silu",
-                      rope_parameters=dict(rope_type="default", rope_theta=float(c.get("rope_base", 10000.0))),
+                      rope_parameters=dict(rope_type="default", rope_theta=float(c.get("rope_base", 10000.0)))
+                                      | (c.get("rope_scaling") or {}),
                       attention_dropout=c.get("dropout", 0.0), tie_word_embeddings=c.get("tie_word_embeddings", False),
                       bos_token_id=None, eos_token_id=None)
         if arch == "llama": fields |= dict(attention_bias=c.get("bias", False), mlp_bias=c.get("bias", False))
+        elif arch == "qwen3": fields |= dict(attention_bias=c.get("bias", False), use_sliding_window=False)
         else: fields |= dict(sliding_window=c.get("window_size"))
+        if arch == "mixtral":
+            fields |= dict(num_local_experts=c["num_experts"], num_experts_per_tok=c["num_experts_per_tok"],
+                           router_aux_loss_coef=c["router_aux_loss_coef"], router_jitter_noise=0.0)
     hf_config = hf_class(**(fields | overrides))
     if overrides:  # metadata (token ids, names) is welcome; a change to what the model computes is not
         try: with_overrides = config_from_hf(hf_config)
@@ -190,9 +286,10 @@ def config_to_hf(config: dict, # an llm_book config dict (`llm_book.models.confi
     return hf_config
 
 # %% ../nbs/40_hf.ipynb #4e1d8692
-def hf_name_table(arch: str, # `gpt`, `gpt2`, `llama` or `mistral`
+def hf_name_table(arch: str, # `gpt`, `gpt2`, `llama`, `mistral`, `mixtral` or `gemma3`
                   num_layers: int, # number of decoder blocks
                   bias: bool=False, # whether LLaMA/Mistral linear layers have biases
+                  num_experts: int=0, # Mixtral: experts per layer
                  ) -> dict[str, tuple[list[str], bool]]:
     "Map each llm_book state-dict name to `(🤗 names fused in order, transposed?)`."
     table = {}
@@ -211,7 +308,7 @@ def hf_name_table(arch: str, # `gpt`, `gpt2`, `llama` or `mistral`
         if arch == "gpt2":
             table["final_norm.weight"] = (["transformer.ln_f.weight"], False)
             table["final_norm.bias"] = (["transformer.ln_f.bias"], False)
-    elif arch in ("llama", "mistral"):
+    elif arch in ("llama", "mistral", "qwen3", "mixtral"):
         table["token_embeddings.embedding.weight"] = (["model.embed_tokens.weight"], False)
         for i in range(num_layers):
             ours, hf = f"layers.{i}.", f"model.layers.{i}."
@@ -221,12 +318,35 @@ def hf_name_table(arch: str, # `gpt`, `gpt2`, `llama` or `mistral`
                        ("attention.out_proj", ["self_attn.o_proj"]),
                        ("feed_forward.gate_up_proj", ["mlp.gate_proj", "mlp.up_proj"]),
                        ("feed_forward.down_proj", ["mlp.down_proj"])]
+            if arch == "mixtral":   # the router, and each expert's slices of 🤗's stacked tensors (`_unstack_experts`)
+                linears = linears[:2]
+                table[f"{ours}feed_forward.router.weight"] = ([f"{hf}mlp.gate.weight"], False)
+                for e in range(num_experts):
+                    for part in ("gate_up_proj", "down_proj"):
+                        table[f"{ours}feed_forward.experts.{e}.{part}.weight"] = ([f"{hf}mlp.experts.{part}.{e}"], False)
             for our_part, hf_parts in linears:
-                for kind in (["weight", "bias"] if bias else ["weight"]):
+                has_bias = bias and not (arch == "qwen3" and our_part.startswith("feed_forward"))  # Qwen3's MLP: none
+                for kind in (["weight", "bias"] if has_bias else ["weight"]):
                     table[f"{ours}{our_part}.{kind}"] = ([f"{hf}{p}.{kind}" for p in hf_parts], False)
+            if arch == "qwen3":   # QK-norm (chapter 14)
+                for which in ("q", "k"):
+                    table[f"{ours}attention.qk_norm.{which}_norm.weight"] = ([f"{hf}self_attn.{which}_norm.weight"], False)
+        table["final_norm.weight"] = (["model.norm.weight"], False)
+    elif arch == "gemma3":   # sandwich norms, QK-norm inside our fused projection, GeGLU
+        table["token_embeddings.embedding.weight"] = (["model.embed_tokens.weight"], False)
+        for i in range(num_layers):
+            ours, hf = f"layers.{i}.", f"model.layers.{i}."
+            parts = [("attention_norm", ["input_layernorm"]), ("post_attention_norm", ["post_attention_layernorm"]),
+                     ("ffn_norm", ["pre_feedforward_layernorm"]), ("post_ffn_norm", ["post_feedforward_layernorm"]),
+                     ("attention.qkv_proj.q_norm", ["self_attn.q_norm"]), ("attention.qkv_proj.k_norm", ["self_attn.k_norm"]),
+                     ("attention.qkv_proj.proj", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+                     ("attention.out_proj", ["self_attn.o_proj"]),
+                     ("feed_forward.gate_up_proj", ["mlp.gate_proj", "mlp.up_proj"]), ("feed_forward.down_proj", ["mlp.down_proj"])]
+            for our_part, hf_parts in parts:
+                table[f"{ours}{our_part}.weight"] = ([f"{hf}{p}.weight" for p in hf_parts], False)
         table["final_norm.weight"] = (["model.norm.weight"], False)
     else:
-        raise ValueError(f"arch is {arch!r}; expected 'gpt', 'gpt2', 'llama' or 'mistral'")
+        raise ValueError(f"arch is {arch!r}; expected 'gpt', 'gpt2', 'llama', 'mistral', 'qwen3', 'mixtral' or 'gemma3'")
     table["lm_head.weight"] = (["lm_head.weight"], False)
     return table
 
@@ -253,13 +373,34 @@ def check_state_dict(state_dict: dict, # the tensors we are about to load
     if problems: raise ValueError(f"{what} does not fit the model; {problems}")
 
 # %% ../nbs/40_hf.ipynb #89690997
+_STACKED_EXPERTS = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")   # Transformers' Mixtral: (E, rows, cols)
+
+def _unstack_experts(hf_state_dict: dict) -> dict:
+    "Transformers' stacked expert tensors (E, rows, cols) as one entry per expert, `<name>.<e>`; the rest unchanged."
+    out = {}
+    for n, t in hf_state_dict.items():
+        if n.endswith(_STACKED_EXPERTS) and len(getattr(t, "shape", t)) == 3:
+            out |= {f"{n}.{e}": t[e] if hasattr(t, "shape") else tuple(t)[1:] for e in range(len(t))}
+        else: out[n] = t
+    return out
+
+def _stack_experts(hf_state_dict: dict) -> dict:
+    "The inverse of `_unstack_experts`: the per-expert entries stacked back into one (E, rows, cols) tensor."
+    out, experts = {}, {}
+    for n, t in hf_state_dict.items():
+        stacked, _, e = n.rpartition(".")
+        if stacked.endswith(_STACKED_EXPERTS): experts.setdefault(stacked, {})[int(e)] = t
+        else: out[n] = t
+    return out | {n: torch.stack([parts[e] for e in range(len(parts))]) for n, parts in experts.items()}
+
 def state_dict_from_hf(hf_state_dict: dict, # 🤗 names -> tensors
                        config: dict, # our config for this model (`config_from_hf`)
                       ) -> dict:
     "Rename, transpose and fuse a 🤗 state dict into llm_book names."
     arch = config["architecture"]
-    table = hf_name_table(arch, config["num_layers"], bias=config.get("bias", False) and arch in ("llama", "mistral"))
-    hf_state_dict = {n: t for n, t in hf_state_dict.items() if not n.endswith(_HF_IGNORED_SUFFIXES)}
+    table = hf_name_table(arch, config["num_layers"], bias=config.get("bias", False) and arch in ("llama", "mistral", "qwen3"),
+                          num_experts=config.get("num_experts") or 0)
+    hf_state_dict = _unstack_experts({n: t for n, t in hf_state_dict.items() if not n.endswith(_HF_IGNORED_SUFFIXES)})
     if config.get("tie_word_embeddings") and "lm_head.weight" not in hf_state_dict:
         hf_state_dict["lm_head.weight"] = hf_state_dict.get(table["token_embeddings.embedding.weight"][0][0])
         if hf_state_dict["lm_head.weight"] is None: del hf_state_dict["lm_head.weight"]
@@ -277,7 +418,9 @@ def state_dict_to_hf(state_dict: dict, # llm_book names -> tensors
                     ) -> dict:
     "Rename, transpose and split an llm_book state dict into 🤗 names."
     arch = config["architecture"]
-    table = hf_name_table(arch, config["num_layers"], bias=config.get("bias", False) and arch in ("llama", "mistral"))
+    table = hf_name_table(arch, config["num_layers"], bias=config.get("bias", False) and arch in ("llama", "mistral", "qwen3"),
+                          num_experts=config.get("num_experts") or 0)
+    hf_expected = _unstack_experts(hf_expected)
     check_state_dict(state_dict, {n: state_dict[n] for n in table if n in state_dict} |
                      {n: () for n in table if n not in state_dict}, what="state_dict")
     out = {}
@@ -288,7 +431,7 @@ def state_dict_to_hf(state_dict: dict, # llm_book names -> tensors
                              f"expected {sum(sizes)} = {' + '.join(map(str, sizes))} for {', '.join(hf_names)}")
         for n, part in zip(hf_names, state_dict[ours].split(sizes, dim=0)):
             out[n] = (part.t() if transposed else part).contiguous()
-    return out
+    return _stack_experts(out)
 
 # %% ../nbs/40_hf.ipynb #6fcd1f76
 def load_state_dict_strict(model: nn.Module, # the receiving model
@@ -353,7 +496,8 @@ def _hf_model_class(arch: str):
     "The Transformers `*ForCausalLM` class of an architecture."
     import transformers
     return {"gpt": transformers.OpenAIGPTLMHeadModel, "gpt2": transformers.GPT2LMHeadModel, "llama": transformers.LlamaForCausalLM,
-            "mistral": transformers.MistralForCausalLM}[arch]
+            "mistral": transformers.MistralForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
+            "mixtral": transformers.MixtralForCausalLM, "gemma3": transformers.Gemma3ForCausalLM}[arch]
 
 def to_hf(model: nn.Module, # an llm_book GPT, GPT2, Llama or Mistral
           **config_overrides, # extra 🤗 config fields, e.g. `eos_token_id=2`
@@ -371,12 +515,6 @@ def to_hf(model: nn.Module, # an llm_book GPT, GPT2, Llama or Mistral
     hf_model.load_state_dict(hf_state_dict)
     return hf_model.eval()
 
-def _umask() -> int:
-    "The process's file-creation mask (reading it means setting it, so it is set straight back)."
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
 def save_hf(model: nn.Module, # an llm_book GPT, GPT2, Llama or Mistral
             path: str|Path, # directory to write (created if needed)
             **config_overrides, # extra 🤗 config fields, e.g. `eos_token_id=2`
@@ -385,7 +523,7 @@ def save_hf(model: nn.Module, # an llm_book GPT, GPT2, Llama or Mistral
     path = Path(path)
     to_hf(model, **config_overrides).save_pretrained(path, safe_serialization=True)
     # safetensors creates its files with mode 0600 whatever the umask: give them the mode any other new file gets
-    for weights in path.glob("model*.safetensors"): weights.chmod(0o666 & ~_umask())   # model.safetensors or its shards
+    for weights in path.glob("model*.safetensors"): weights.chmod(0o666 & ~current_umask())   # model.safetensors or its shards
     return path
 
 # %% ../nbs/40_hf.ipynb #888e63c6

@@ -328,6 +328,5 @@ def test_run_files_follow_the_umask(corpus, tmp_path):
     run = tmp_path / "run"
     result = llm_book("train", "--data", corpus, "--out", run, "--steps", "2", *SMALL, preexec_fn=lambda: os.umask(0o022))
     assert result.returncode == 0, result.stderr
-    # tokenizer.json is written by the tokenizer's own saver (chapter 20), tested in tests/test_tokenizer.py
-    for name in ("checkpoint.safetensors", "log.jsonl", "loss.png", "model_config.json"):
+    for name in ("checkpoint.safetensors", "log.jsonl", "loss.png", "model_config.json", "tokenizer.json"):
         assert oct((run / name).stat().st_mode & 0o777) == oct(0o644), name

@@ -223,6 +223,8 @@ SUPPORTED = [  # (arch, 🤗 fields, with the same weights, do they change 🤗'
     ("llama", dict(rope_theta=500.0), True),                     # the pre-Transformers-5 spelling
     ("llama", dict(rope_parameters=dict(rope_type="default", rope_theta=500.0)), True),
     ("llama", dict(rms_norm_eps=0.3), True),
+    ("llama", dict(rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+                                        high_freq_factor=4.0, original_max_position_embeddings=16)), True),   # chapter 13
     ("llama", dict(attention_bias=True, mlp_bias=True), False),
     ("llama", dict(tie_word_embeddings=True), False),
     ("llama", dict(num_key_value_heads=1), False),
@@ -259,8 +261,6 @@ REFUSED = [  # (arch, 🤗 fields, what the error must name)
     ("gpt2", dict(embd_pdrop=0.1, attn_pdrop=0.0, resid_pdrop=0.1), "embd_pdrop/attn_pdrop/resid_pdrop=(0.1, 0.0, 0.1)"),
     ("llama", dict(rope_scaling=dict(rope_type="linear", factor=2.0)), "rope_parameters['rope_type']='linear'"),
     ("llama", dict(rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0)), "rope_type']='dynamic'"),
-    ("llama", dict(rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
-                                        high_freq_factor=4.0, original_max_position_embeddings=16)), "rope_type']='llama3'"),
     ("llama", dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5)),
      "partial_rotary_factor=0.5"),
     ("llama", dict(hidden_act="gelu"), "hidden_act='gelu'"),

@@ -26,13 +26,15 @@ class CachedDecoder(nn.Module):
                  dropout:float=0.0, # dropout probability (training only)
                  bias:bool=False, # biases in the attention projections
                  head_dim:int|None=None, # features per head (None: C // H)
+                 qk_norm_layer:Callable[[int], nn.Module]|None=None, # head_dim -> a QK-norm for q and k (None: none)
                 ):
         super().__init__()
         self.embed_dim = embed_dim
         norm_layer = nn.LayerNorm if norm_layer is None else norm_layer
         self.attention_norm = norm_layer(embed_dim)
+        qk_norm = None if qk_norm_layer is None else qk_norm_layer(embed_dim // num_heads if head_dim is None else head_dim)
         self.attention = GroupQueryAttention(embed_dim, num_heads, num_kv_heads, dropout=dropout, bias=bias,
-                                             rope=rope, window_size=window_size, head_dim=head_dim)
+                                             rope=rope, window_size=window_size, head_dim=head_dim, qk_norm=qk_norm)
         self.attention_dropout = nn.Dropout(dropout)
         self.ffn_norm = norm_layer(embed_dim)
         self.feed_forward = FeedForward(embed_dim, dropout=dropout) if feed_forward_layer is None else feed_forward_layer

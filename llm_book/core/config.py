@@ -12,14 +12,21 @@ from dataclasses import dataclass, fields
 from fastcore.basics import patch
 
 from .swi_glu import swiglu_hidden_dim
+from .rope_scaling import check_rope_scaling
 
 # %% auto #0
 __all__ = ['ARCHITECTURES', 'ROPE_ARCHITECTURES', 'REQUIRED_KEYS', 'CONFIG_KEYS', 'ModelConfig']
 
 # %% ../../nbs/07a_config.ipynb #70a4b05f
-ARCHITECTURES = ("gpt", "gpt2", "llama", "mistral")
-ROPE_ARCHITECTURES = ("llama", "mistral")    # rotary positions, RMSNorm, SwiGLU, grouped-query attention
+ARCHITECTURES = ("gpt", "gpt2", "llama", "mistral", "qwen3", "mixtral", "gemma3")
+ROPE_ARCHITECTURES = ("llama", "mistral", "qwen3", "mixtral", "gemma3")    # rotary positions, RMSNorm, SwiGLU, grouped-query attention
 REQUIRED_KEYS = ("vocab_size", "embed_dim", "num_heads", "num_layers", "max_position_embeddings")
+# keys that only one family of models has (chapters 15 and 16), with their defaults
+_ARCHITECTURE_KEYS = {"num_experts": ("mixtral", 8), "num_experts_per_tok": ("mixtral", 2),
+                      "router_aux_loss_coef": ("mixtral", 0.02), "local_rope_base": ("gemma3", 10000.0),
+                      "sliding_window_pattern": ("gemma3", 6), "query_pre_attn_scalar": ("gemma3", None),
+                      "final_logit_softcapping": ("gemma3", None)}
+
 
 # %% ../../nbs/07a_config.ipynb #27717d25
 @dataclass(eq=False)
@@ -30,7 +37,7 @@ class ModelConfig(Mapping):
     num_heads:int # H, query heads
     num_layers:int # L, decoder blocks
     max_position_embeddings:int # P, learned positions (GPT) or the context trained on (RoPE)
-    architecture:str="gpt2" # "gpt", "gpt2", "llama" or "mistral"
+    architecture:str="gpt2" # one of ARCHITECTURES
     dropout:float=0.0 # dropout probability while training, in [0, 1)
     hidden_dim:int|None=None # feed-forward width F (None: 4C for GPT; swiglu_hidden_dim(C) for LLaMA)
     norm_eps:float=1e-5 # epsilon of LayerNorm / RMSNorm, > 0
@@ -39,7 +46,15 @@ class ModelConfig(Mapping):
     num_kv_heads:int|None=None # key/value heads, dividing H (None: H); RoPE models only
     head_dim:int|None=None # d_h, features per head (None: C // H)
     rope_base:float|None=None # RoPE's base (None: 10000.0); RoPE models only
-    window_size:int|None=None # sliding-window span W (None: full causal); Mistral only
+    window_size:int|None=None # sliding-window span W (None: full causal); Mistral, Mixtral, Gemma 3 (its local layers)
+    rope_scaling:dict|None=None # RoPE frequency scaling, e.g. Llama 3's {"rope_type": "llama3", ...} (chapter 13); RoPE models only
+    num_experts:int|None=None # E, expert feed-forwards per layer (None: 8); Mixtral only
+    num_experts_per_tok:int|None=None # k <= E, experts each token is routed to (None: 2); Mixtral only
+    router_aux_loss_coef:float|None=None # weight of the load-balancing loss in training (None: 0.02); Mixtral only
+    local_rope_base:float|None=None # RoPE base of the sliding-window layers (None: 10000.0); Gemma 3 only
+    sliding_window_pattern:int|None=None # every this-many-th layer is global, the others local (None: 6); Gemma 3 only
+    query_pre_attn_scalar:float|None=None # attention scores are divided by sqrt(this) (None: head_dim); Gemma 3 only
+    final_logit_softcapping:float|None=None # logits become cap * tanh(logits / cap) (None: no cap); Gemma 3 only
 
     def __post_init__(self):
         self._check()
@@ -50,6 +65,10 @@ class ModelConfig(Mapping):
         if self.tie_word_embeddings is None: self.tie_word_embeddings = not uses_rope
         if self.bias is None: self.bias = not uses_rope
         if self.rope_base is None and uses_rope: self.rope_base = 10000.0
+        if self.rope_scaling is not None: self.rope_scaling = check_rope_scaling(self.rope_scaling)  # a checked copy
+        for key, (architecture, default) in _ARCHITECTURE_KEYS.items():
+            if architecture == self.architecture and getattr(self, key) is None: setattr(self, key, default)
+        if self.architecture == "gemma3" and self.query_pre_attn_scalar is None: self.query_pre_attn_scalar = self.head_dim
 
     # a read-only mapping of the keys that apply (see `to_dict`): config["embed_dim"], dict(config), config.get(...)
     def __getitem__(self, key): return self.to_dict()[key]
@@ -87,6 +106,7 @@ def _check(self:ModelConfig):
     if self.head_dim is None and self.embed_dim % self.num_heads:
         raise ValueError(f"config['embed_dim'] {self.embed_dim} is not divisible by num_heads {self.num_heads} "
                          "(or give head_dim)")
+    self._check_architecture_keys()
     if self.architecture in ROPE_ARCHITECTURES: self._check_rope()
     else: self._check_gpt()
 
@@ -102,9 +122,9 @@ def _check_rope(self:ModelConfig):
         raise ValueError(f"config['head_dim'] must be even for RoPE (features rotate in pairs), got {head_dim}")
     if self.rope_base is not None and (not _is_number(self.rope_base) or not self.rope_base > 0):
         raise ValueError(f"config['rope_base'] must be a number > 0, got {self.rope_base!r}")
-    if self.architecture == "llama" and self.window_size is not None:
+    if self.architecture != "mistral" and self.window_size is not None:
         raise ValueError(f"config['window_size'] {self.window_size} is for architecture 'mistral'; "
-                         "llama has no sliding window (use Mistral)")
+                         f"{self.architecture} has no sliding window (use Mistral)")
 
 @patch
 def _check_gpt(self:ModelConfig):
@@ -114,16 +134,37 @@ def _check_gpt(self:ModelConfig):
                          f"{self.architecture!r} (every head has its own keys); use 'llama' or 'mistral'")
     if self.window_size is not None:
         raise ValueError(f"config['window_size'] is not supported by architecture {self.architecture!r}; use 'mistral'")
-    if self.rope_base is not None:
-        raise ValueError(f"config['rope_base'] is not supported by architecture {self.architecture!r} "
-                         "(learned positions, no RoPE)")
+    for key in ("rope_base", "rope_scaling"):
+        if getattr(self, key) is not None:
+            raise ValueError(f"config[{key!r}] is not supported by architecture {self.architecture!r} "
+                             "(learned positions, no RoPE)")
     if self.head_dim is not None and self.head_dim * self.num_heads != self.embed_dim:
         raise ValueError(f"config['head_dim'] {self.head_dim} is not supported by architecture {self.architecture!r}: "
                          f"its heads split embed_dim, so head_dim is embed_dim // num_heads = {self.embed_dim // self.num_heads}")
 
+# %% ../../nbs/07a_config.ipynb #c8cdd4d9
+@patch
+def _check_architecture_keys(self:ModelConfig):
+    "The keys of one family only (Mixtral's experts, Gemma 3's layer pattern): refused elsewhere, checked where they apply."
+    for key, (architecture, _) in _ARCHITECTURE_KEYS.items():
+        value = getattr(self, key)
+        if value is None: continue
+        if self.architecture != architecture:
+            raise ValueError(f"config[{key!r}] is not supported by architecture {self.architecture!r}; "
+                             f"it is a key of {architecture!r}")
+        positive_int = key in ("num_experts", "num_experts_per_tok", "sliding_window_pattern")
+        if positive_int and (not _is_int(value) or value < 1):
+            raise ValueError(f"config[{key!r}] must be a positive int, got {value!r}")
+        if not positive_int and (not _is_number(value) or not math.isfinite(value) or value < 0
+                                 or (value == 0 and key != "router_aux_loss_coef")):
+            raise ValueError(f"config[{key!r}] must be a number {'>= 0' if key == 'router_aux_loss_coef' else '> 0'}, got {value!r}")
+    if self.num_experts_per_tok is not None and self.num_experts_per_tok > (self.num_experts or 8):
+        raise ValueError(f"config['num_experts_per_tok'] {self.num_experts_per_tok} is more than num_experts "
+                         f"{self.num_experts or 8}")
+
 # %% ../../nbs/07a_config.ipynb #df69aa03
 CONFIG_KEYS = tuple(f.name for f in fields(ModelConfig))
-_ROPE_ONLY = ("num_kv_heads", "head_dim", "rope_base", "window_size")
+_ROPE_ONLY = ("num_kv_heads", "head_dim", "rope_base", "window_size", "rope_scaling")
 
 @patch(cls_method=True)
 def from_dict(cls:ModelConfig, config:Mapping, # a plain dict (or a ModelConfig)
@@ -150,4 +191,5 @@ def to_dict(self:ModelConfig) -> dict:
     "The keys that apply to this architecture with their resolved values (JSON-ready; `from_dict` rebuilds it)."
     uses_rope = self.architecture in ROPE_ARCHITECTURES
     return {key: getattr(self, key) for key in CONFIG_KEYS
-            if uses_rope or key not in _ROPE_ONLY}
+            if (uses_rope or key not in _ROPE_ONLY)
+            and (key not in _ARCHITECTURE_KEYS or _ARCHITECTURE_KEYS[key][0] == self.architecture)}

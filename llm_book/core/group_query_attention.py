@@ -46,6 +46,7 @@ class GroupQueryAttention(nn.Module):
                  window_size:int|None=None, # sliding window: a query sees at most this many positions back
                  head_dim:int|None=None, # hd, features per head (None: C // H)
                  use_sdpa:bool=True, # fused torch SDPA (fast) or the explicit formula (for teaching)
+                 qk_norm:nn.Module|None=None, # normalizes q and k per head before RoPE: qk_norm(q, k) -> (q, k) (Qwen3)
                 ):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -60,6 +61,7 @@ class GroupQueryAttention(nn.Module):
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads if head_dim is None else head_dim
         self.dropout, self.rope, self.window_size, self.use_sdpa = dropout, rope, window_size, use_sdpa
+        self.qk_norm = qk_norm
         self.qkv_proj = Linear(embed_dim, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=bias)  # [q|k|v]
         self.out_proj = Linear(num_heads * self.head_dim, embed_dim, bias=bias)
 
@@ -154,6 +156,7 @@ def forward(self:GroupQueryAttention,
     q = q.view(B, T, H, hd).transpose(1, 2)                                       # (B, H, T, hd)
     k = k.view(B, T, KVH, hd).transpose(1, 2)                                     # (B, KVH, T, hd)
     v = v.view(B, T, KVH, hd).transpose(1, 2)                                     # (B, KVH, T, hd)
+    if self.qk_norm is not None: q, k = self.qk_norm(q, k)                         # per-head norms (chapter 14)
     if self.rope is not None:
         cos, sin = inputs.rope_cos_sin                                            # computed once per forward
         q, k = apply_rope(q, cos, sin, self.rope.interleaved), apply_rope(k, cos, sin, self.rope.interleaved)

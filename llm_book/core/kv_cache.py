@@ -21,7 +21,8 @@ def kv_cache_bytes(config:dict, # a model config (dict or `ModelConfig`)
     "Bytes of keys and values a KV cache holds for `num_tokens` tokens of a model with `config`."
     if num_tokens < 0: raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
     c = ModelConfig.from_dict(config)
-    tokens_held = num_tokens if c.window_size is None else min(num_tokens, c.window_size)
+    rolling = c.window_size is not None and c.architecture != "gemma3"   # Gemma 3's global layers need every token
+    tokens_held = min(num_tokens, c.window_size) if rolling else num_tokens
     bytes_per_number = torch.empty((), dtype=dtype).element_size()
     return 2 * c.num_layers * batch_size * c.num_kv_heads * c.head_dim * tokens_held * bytes_per_number
 

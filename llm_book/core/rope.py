@@ -39,13 +39,19 @@ class RoPE(nn.Module):
                  max_position_embeddings:int=2048, # positions precomputed in the cos/sin tables (extended on demand)
                  base:float=10000.0, # the base of the wavelengths ($\theta_i = \text{base}^{-2i/d}$)
                  interleaved:bool=False, # pair (0,1),(2,3),... as in the paper; default pairs (j, j+d/2) as HF LLaMA
+                 scaling=None, # maps the (hd/2,) frequencies to scaled ones (e.g. Llama 3's, chapter 13); None: unscaled
                 ):
         super().__init__()
         if max_position_embeddings <= 0:
             raise ValueError(f"max_position_embeddings must be > 0, got {max_position_embeddings}")
-        self.head_dim, self.base, self.interleaved = head_dim, base, interleaved
-        self.register_buffer("inv_freq", rope_frequencies(head_dim, base), persistent=False)  # (hd/2,)
+        self.head_dim, self.base, self.interleaved, self.scaling = head_dim, base, interleaved, scaling
+        self.register_buffer("inv_freq", self.frequencies(), persistent=False)  # (hd/2,)
         self._build_tables(max_position_embeddings)
+
+    def frequencies(self) -> torch.Tensor: # (hd/2,) fp32
+        "The frequencies theta_i this RoPE rotates by: `rope_frequencies`, then the `scaling` if there is one."
+        theta = rope_frequencies(self.head_dim, self.base)
+        return theta if self.scaling is None else self.scaling(theta)
 
     def _build_tables(self, num_positions:int):
         "(Re)compute the fp32 cos/sin tables for positions 0..num_positions-1."
@@ -61,7 +67,7 @@ class RoPE(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, max_position_embeddings={self.max_position_embeddings}, "
-                f"base={self.base}, interleaved={self.interleaved}")
+                f"base={self.base}, interleaved={self.interleaved}" + (f", scaling={self.scaling}" if self.scaling else ""))
 
 # %% ../../nbs/04_rope.ipynb #7ade067e
 def _check_positions(positions:torch.Tensor, batch_size:int, seq_len:int) -> int:
@@ -87,7 +93,7 @@ def cos_sin(self:RoPE,
            ) -> tuple[torch.Tensor, torch.Tensor]: # cos, sin: (T, hd/2) or (B, 1, T, hd/2), fp32
     "The cos and sin of `position * theta_i` for every position: computed once, shared by every layer."
     if self.cos_cached.dtype != torch.float32:  # `model.to(torch.bfloat16)` casts buffers too: rebuild in fp32
-        self.inv_freq = rope_frequencies(self.head_dim, self.base).to(self.inv_freq.device)
+        self.inv_freq = self.frequencies().to(self.inv_freq.device)
         self._build_tables(self.max_position_embeddings)
     if max_position >= self.max_position_embeddings:
         self._build_tables(max(max_position + 1, 2 * self.max_position_embeddings))  # grow the table

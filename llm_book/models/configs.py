@@ -5,7 +5,7 @@
 # %% ../../nbs/09d_configs.ipynb #9350ae2e
 from __future__ import annotations
 import copy
-from ..core.config import ARCHITECTURES, CONFIG_KEYS, ModelConfig
+from ..core.config import ARCHITECTURES, CONFIG_KEYS, ROPE_ARCHITECTURES, ModelConfig
 from fastcore.basics import patch
 from ..core.base_model import BaseModel
 
@@ -17,6 +17,9 @@ _GPT2 = dict(architecture="gpt2", vocab_size=50257, max_position_embeddings=1024
              norm_eps=1e-5, tie_word_embeddings=True, bias=True)
 _LLAMA = dict(architecture="llama", vocab_size=32000, dropout=0.0, rope_base=10000.0, norm_eps=1e-5,
               tie_word_embeddings=False, bias=False)
+
+_QWEN3 = dict(architecture="qwen3", vocab_size=151936, num_kv_heads=8, head_dim=128, max_position_embeddings=40960,
+              rope_base=1000000.0, norm_eps=1e-6, dropout=0.0, tie_word_embeddings=True, bias=False)
 
 PRESETS = {
     # the original GPT (Radford et al. 2018): post-LN, 512 learned positions, a 40478-token BPE vocabulary
@@ -36,6 +39,23 @@ PRESETS = {
     "smollm2-135m": dict(_LLAMA, vocab_size=49152, embed_dim=576, num_heads=9, num_kv_heads=3, num_layers=30,
                          hidden_dim=1536, max_position_embeddings=8192, rope_base=100000.0,
                          tie_word_embeddings=True),
+    # Llama 3.2 1B (Meta, 2024): GQA, tied embeddings, RoPE base 500 000 with Llama 3's scaling (chapter 13)
+    "llama-3.2-1b": dict(_LLAMA, vocab_size=128256, embed_dim=2048, num_heads=32, num_kv_heads=8, num_layers=16,
+                         hidden_dim=8192, max_position_embeddings=131072, rope_base=500000.0, tie_word_embeddings=True,
+                         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                           original_max_position_embeddings=8192)),
+    # Qwen3 (Alibaba, 2025): QK-norm, head_dim 128 whatever the width (chapter 14)
+    "qwen3-0.6b": dict(_QWEN3, embed_dim=1024, num_heads=16, num_layers=28, hidden_dim=3072),
+    "qwen3-4b": dict(_QWEN3, embed_dim=2560, num_heads=32, num_layers=36, hidden_dim=9728),
+    # Mixtral 8x7B (Jiang et al. 2024): Mistral's block with 8 expert SwiGLUs, 2 per token (chapter 16); no window
+    "mixtral-8x7b": dict(_LLAMA, architecture="mixtral", embed_dim=4096, num_heads=32, num_kv_heads=8, num_layers=32,
+                         hidden_dim=14336, max_position_embeddings=32768, rope_base=1e6, num_experts=8,
+                         num_experts_per_tok=2, router_aux_loss_coef=0.02),
+    # Gemma 3 270M (text): 5 local (window 512, base 10k) : 1 global (base 1M) layers, tied embeddings (chapter 15)
+    "gemma3-270m": dict(architecture="gemma3", vocab_size=262144, embed_dim=640, num_heads=4, num_kv_heads=1,
+                        head_dim=256, num_layers=18, hidden_dim=2048, max_position_embeddings=32768, dropout=0.0,
+                        norm_eps=1e-6, tie_word_embeddings=True, bias=False, rope_base=1e6, local_rope_base=10000.0,
+                        window_size=512, sliding_window_pattern=6, query_pre_attn_scalar=256),
     # tiny models for tests and for training in seconds
     "gpt-tiny": dict(architecture="gpt", vocab_size=128, embed_dim=32, num_heads=4, num_layers=2,
                      max_position_embeddings=64, dropout=0.0, hidden_dim=128, norm_eps=1e-5,
@@ -46,6 +66,15 @@ PRESETS = {
                        hidden_dim=64, max_position_embeddings=64),
     "mistral-tiny": dict(_LLAMA, architecture="mistral", vocab_size=128, embed_dim=32, num_heads=4,
                          num_kv_heads=2, num_layers=2, hidden_dim=64, max_position_embeddings=256, window_size=8),
+    "qwen3-tiny": dict(_QWEN3, vocab_size=128, embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=16, num_layers=2,
+                       hidden_dim=64, max_position_embeddings=64, tie_word_embeddings=False),
+    "mixtral-tiny": dict(_LLAMA, architecture="mixtral", vocab_size=128, embed_dim=32, num_heads=4, num_kv_heads=2,
+                         num_layers=2, hidden_dim=48, max_position_embeddings=256, num_experts=4, num_experts_per_tok=2,
+                         router_aux_loss_coef=0.02),
+    "gemma3-tiny": dict(architecture="gemma3", vocab_size=128, embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=16,
+                        num_layers=6, hidden_dim=64, max_position_embeddings=256, dropout=0.0, norm_eps=1e-6,
+                        tie_word_embeddings=True, bias=False, rope_base=1e6, local_rope_base=10000.0, window_size=4,
+                        sliding_window_pattern=3, query_pre_attn_scalar=16),
 }
 
 # %% ../../nbs/09d_configs.ipynb #98a9484d
@@ -76,13 +105,17 @@ def count_parameters(config:dict, # a model config (dict or `ModelConfig`)
     "Parameters of the model `config` describes (tied weights counted once)."
     c = ModelConfig.from_dict(config)
     C, V, L, H, KVH, hd, F = c.embed_dim, c.vocab_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_dim
-    uses_swiglu = c.architecture in ("llama", "mistral")
+    uses_swiglu = c.architecture in ROPE_ARCHITECTURES      # SwiGLU, or Gemma's GeGLU: both 3 matrices
     qkv_dim = (H + 2 * KVH) * hd
     attention = C * qkv_dim + H * hd * C + c.bias * (qkv_dim + C)
-    if uses_swiglu: feed_forward = 3 * C * F + c.bias * (2 * F + C)
+    if c.architecture == "qwen3": attention += 2 * hd      # QK-norm: an RMSNorm weight for q and one for k (chapter 14)
+    if c.architecture == "qwen3": feed_forward = 3 * C * F  # Qwen3's `bias` is the attention's; its SwiGLU has none
+    elif uses_swiglu: feed_forward = 3 * C * F + c.bias * (2 * F + C)
     else:           feed_forward = 2 * C * F + c.bias * (F + C)
+    if c.architecture == "mixtral": feed_forward = c.num_experts * feed_forward + C * c.num_experts  # E experts + router
     norm = C if uses_swiglu else 2 * C                     # RMSNorm: weight; LayerNorm: weight and bias
     block = attention + feed_forward + 2 * norm
+    if c.architecture == "gemma3": block += 2 * norm + 2 * hd   # sandwich: post-norms too; QK-norm: one weight per head feature
     embeddings = V * C + (c.max_position_embeddings * C if c.architecture in ("gpt", "gpt2") else 0)
     final_norm = 0 if c.architecture == "gpt" else norm
     lm_head = 0 if c.tie_word_embeddings else V * C

@@ -11,6 +11,7 @@ from ..core.base_model import BaseModel
 from ..core.cached_decoder import CachedDecoder
 from ..core.rms_norm import RMSNorm
 from ..core.rope import RoPE
+from ..core.rope_scaling import rope_scaling_from_config
 from ..core.swi_glu import SwiGLU
 from ..core.token_embeddings import TokenEmbeddings
 import llm_book.models.configs   # adds BaseModel.from_preset
@@ -26,7 +27,8 @@ class Llama(BaseModel):
     def make_positions(self):
         "No position vectors: one RoPE rotates q and k in every layer (its cos/sin computed once per forward)."
         c = self.config
-        self.rope = RoPE(c.head_dim, c.max_position_embeddings, base=c.rope_base)
+        self.rope = RoPE(c.head_dim, c.max_position_embeddings, base=c.rope_base,
+                         scaling=rope_scaling_from_config(c.rope_scaling))   # Llama 3's scaling (chapter 13), or None
 
     def make_layer(self):
         "One pre-norm block with LLaMA's parts injected."

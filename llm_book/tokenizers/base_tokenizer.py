@@ -15,7 +15,7 @@ from typing import Iterable
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['special_tokens_pattern', 'BaseTokenizer', 'ByteTokenizer', 'atomic_write_text']
+__all__ = ['special_tokens_pattern', 'check_text', 'BaseTokenizer', 'ByteTokenizer', 'current_umask', 'atomic_write_text']
 
 # %% ../../nbs/20_base_tokenizer.ipynb #dd7a6057
 def special_tokens_pattern(
@@ -25,6 +25,19 @@ def special_tokens_pattern(
     special_tokens = sorted(set(special_tokens), key=lambda s: (-len(s), s))
     if not special_tokens: return None
     return re.compile("(" + "|".join(re.escape(s) for s in special_tokens) + ")")
+
+# %% ../../nbs/20_base_tokenizer.ipynb #50ec9716
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+def check_text(text:str, # the text to check
+               name:str="text", # how the error message names it
+              ) -> str:
+    "Return `text` if it is a `str` without lone surrogates; otherwise raise a `ValueError` that says where."
+    if not isinstance(text, str): raise ValueError(f"{name} is {type(text).__name__}; expected str")
+    if not text.isascii() and (match := _LONE_SURROGATE.search(text)):
+        raise ValueError(f"{name} has a lone surrogate {match.group()!r} at index {match.start()}, which has no UTF-8 "
+                         "encoding; repair the text first (for example decode its bytes with errors='replace')")
+    return text
 
 # %% ../../nbs/20_base_tokenizer.ipynb #5c4d1e44
 class BaseTokenizer:
@@ -47,11 +60,22 @@ class BaseTokenizer:
         for text, idx in special_tokens.items():
             if not isinstance(text, str) or not text:
                 raise ValueError(f"special_tokens has key {text!r}; expected a non-empty string")
-            if not isinstance(idx, int) or idx < 0:
+            check_text(text, f"special_tokens key {text!r}")
+            if not isinstance(idx, int) or isinstance(idx, bool) or idx < 0:
                 raise ValueError(f"special_tokens[{text!r}] is {idx!r}; expected a non-negative int")
         self.special_tokens = dict(special_tokens)
         self.special_ids = {idx: text for text, idx in self.special_tokens.items()}  # id -> string
         self._special_pattern_cache = {}
+
+    def _check_special_ids_follow(self, first_id:int):
+        "Special ids must be `first_id, first_id + 1, ...` (any order): a file cannot claim more ids than it lists."
+        end, owner = first_id + len(self.special_tokens), {}
+        for text, idx in self.special_tokens.items():
+            if not first_id <= idx < end:
+                raise ValueError(f"special_tokens[{text!r}] is {idx}; expected an id in [{first_id}, {end}): the "
+                                 f"special tokens follow the {first_id} ordinary ids, without gaps")
+            if idx in owner: raise ValueError(f"special_tokens {owner[idx]!r} and {text!r} share the id {idx}")
+            owner[idx] = text
 
     # ---- what a subclass provides -------------------------------------------------------------------------
     @property
@@ -60,7 +84,7 @@ class BaseTokenizer:
         raise NotImplementedError(f"{type(self).__name__} must define vocab_size")
 
     def encode_ordinary(self, text:str) -> list[int]:
-        "Encode `text` with no special-token handling at all."
+        "Encode `text` with no special-token handling at all (`check_text` first: lone surrogates are an error)."
         raise NotImplementedError(f"{type(self).__name__} must define encode_ordinary")
 
     def token_bytes(self, idx:int) -> bytes:
@@ -87,14 +111,12 @@ class ByteTokenizer(BaseTokenizer):
                 ):
         if not isinstance(special_tokens, dict):
             special_tokens = {text: 256 + i for i, text in enumerate(special_tokens)}
-        for text, idx in special_tokens.items():
-            if isinstance(idx, int) and idx < 256:
-                raise ValueError(f"special_tokens[{text!r}] is {idx}; expected an id >= 256 (0-255 are the bytes)")
         super().__init__(special_tokens)
+        self._check_special_ids_follow(256)                   # 0-255 are the bytes
 
     @property
     def vocab_size(self) -> int: return max([255, *self.special_tokens.values()]) + 1
-    def encode_ordinary(self, text:str) -> list[int]: return list(text.encode("utf-8"))
+    def encode_ordinary(self, text:str) -> list[int]: return list(check_text(text).encode("utf-8"))
     def token_bytes(self, idx:int) -> bytes: return bytes([idx])
     def get_state(self) -> dict: return {}
     @classmethod
@@ -198,6 +220,17 @@ def decode_batch(self:BaseTokenizer, batch:Iterable[Iterable[int]], errors:str="
     return [self.decode(ids, errors=errors) for ids in batch]
 
 # %% ../../nbs/20_base_tokenizer.ipynb #dbda3bb5
+def current_umask() -> int:
+    "The process's umask: read from /proc on Linux (no side effect), elsewhere by setting it and restoring it."
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"): return int(line.split()[1], 8)
+    except (OSError, ValueError): pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
 def atomic_write_text(path:str|Path, # where the file goes
                       text:str, # its content
                      ):
@@ -206,6 +239,7 @@ def atomic_write_text(path:str|Path, # where the file goes
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp_path, 0o666 & ~current_umask())   # mkstemp makes 0600; give the mode open() would give
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -244,5 +278,6 @@ def load(cls:BaseTokenizer,
     if kind is None: raise ValueError(f"{str(path)!r} holds an unknown tokenizer type {data['type']!r}")
     if not issubclass(kind, cls): raise ValueError(f"{str(path)!r} holds a {data['type']}, not a {cls.__name__}")
     try: return kind.from_state(data["state"], data["special_tokens"])
+    except ValueError as e: raise ValueError(f"{str(path)!r} is not a valid {data['type']} file: {e}") from e
     except (KeyError, TypeError, AttributeError, IndexError) as e:
         raise ValueError(f"{str(path)!r} is not a valid {data['type']} file ({type(e).__name__}: {e})") from e

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import heapq
 import json
+import uuid
+import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable
@@ -15,13 +17,14 @@ import regex
 from fastcore.basics import patch
 from tqdm.auto import tqdm
 
-from .base_tokenizer import BaseTokenizer, atomic_write_text, special_tokens_pattern
+from .base_tokenizer import BaseTokenizer, atomic_write_text, check_text, special_tokens_pattern
 
 # %% auto #0
-__all__ = ['SPLIT_PATTERNS', 'BYTE_TO_CHAR', 'CHAR_TO_BYTE', 'GGUF_PRE_TOKENIZERS', 'get_pair_counts', 'merge_pair',
-           'naive_train_bpe', 'resolve_pattern', 'count_words', 'train_bpe', 'BPETokenizer', 'rank_bpe',
-           'missing_bytes_pattern', 'random_unicode_text', 'bytes_to_unicode', 'token_to_str', 'str_to_token',
-           'read_gguf_metadata', 'smollm2_gguf_path', 'render_chat_template']
+__all__ = ['SPLIT_PATTERNS', 'LONG_CHUNK', 'LONG_RUN', 'BYTE_TO_CHAR', 'CHAR_TO_BYTE', 'GGUF_PRE_TOKENIZERS', 'get_pair_counts',
+           'merge_pair', 'naive_train_bpe', 'split_chunks', 'resolve_pattern', 'count_words', 'train_bpe',
+           'BPETokenizer', 'bpe_merge_heap', 'rank_bpe', 'missing_bytes_pattern', 'has_long_run', 'random_unicode_text',
+           'bytes_to_unicode', 'token_to_str', 'str_to_token', 'read_gguf_metadata', 'smollm2_gguf_path',
+           'render_chat_template']
 
 # %% ../../nbs/21_bpe_tokenizer.ipynb #bcbf428d
 def get_pair_counts(
@@ -70,6 +73,14 @@ SPLIT_PATTERNS = {
     "smollm": r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+""",
 }
 
+def split_chunks(
+    compiled:regex.Pattern, # a compiled split pattern
+    text:str, # the text to split
+) -> list[str]:
+    "The chunks of `text`: every whole match of `compiled` (`findall` would return only the groups' text)."
+    if compiled.groups == 0: return compiled.findall(text)
+    return [match.group() for match in compiled.finditer(text)]
+
 def resolve_pattern(pattern:str) -> str:
     "The regex for a named split pattern ('gpt2', 'gpt4', 'smollm'), or `pattern` itself."
     if not isinstance(pattern, str) or not pattern: raise ValueError(f"pattern is {pattern!r}; expected a name in {list(SPLIT_PATTERNS)} or a regex")
@@ -79,6 +90,16 @@ def resolve_pattern(pattern:str) -> str:
     return pattern
 
 # %% ../../nbs/21_bpe_tokenizer.ipynb #5a4a60c8
+def _raise_uncovered(compiled:regex.Pattern, text:str):
+    "Name the first character of `text` that no chunk of `compiled` covers."
+    position = 0
+    for match in compiled.finditer(text):
+        if match.start() > position: break
+        position = max(position, match.end())
+    raise ValueError(f"pattern {compiled.pattern[:80]!r} does not match the character {text[position]!r} at index "
+                     f"{position} of the training text, which would be lost; a split pattern must match every "
+                     "character (add |\\s+|. at its end to keep the rest)")
+
 def count_words(
     texts:str|Iterable[str], # a text, or an iterator of texts (documents)
     pattern:str="gpt2", # the split pattern (a name or a regex)
@@ -89,8 +110,11 @@ def count_words(
     chunk_counts = Counter()
     for text in ([texts] if isinstance(texts, str) else texts):
         if not isinstance(text, str): raise ValueError(f"texts has an item of type {type(text).__name__}; expected str")
+        check_text(text, "training text")
         for part in (specials.split(text)[::2] if specials else [text]):  # even positions: text between specials
-            chunk_counts.update(compiled.findall(part))
+            chunks = split_chunks(compiled, part)
+            if sum(map(len, chunks)) != len(part): _raise_uncovered(compiled, part)
+            chunk_counts.update(chunks)
     return Counter({tuple(chunk.encode("utf-8")): n for chunk, n in chunk_counts.items()})
 
 # %% ../../nbs/21_bpe_tokenizer.ipynb #74ccbc9e
@@ -149,9 +173,14 @@ class BPETokenizer(BaseTokenizer):
         self.vocab = {int(idx): bytes(b) for idx, b in vocab.items()}
         clash = sorted(set(self.vocab) & set(self.special_ids))
         if clash: raise ValueError(f"special_tokens reuse ordinary token ids {clash[:5]}")
-        size = max([*self.vocab, *self.special_ids]) + 1
-        missing = [i for i in range(size) if i not in self.vocab and i not in self.special_ids]
-        if missing: raise ValueError(f"vocab has no token for ids {missing[:5]} (ids must be 0..{size - 1} without gaps)")
+        if len(self.special_ids) != len(self.special_tokens): raise ValueError("special_tokens give two strings the same id")
+        # n distinct ids that all lie in [0, n) fill it without gaps; checked before any table of size n is built
+        size = len(self.vocab) + len(self.special_ids)
+        for what, ids in (("vocab", self.vocab), ("special_tokens", self.special_ids)):
+            outside = next((i for i in ids if not 0 <= i < size), None)
+            if outside is not None:
+                raise ValueError(f"{what} has the id {outside}, outside [0, {size}): {size} tokens must have the ids "
+                                 f"0..{size - 1}, without gaps")
         self._vocab_size = size
         self.bytes_to_id = {}
         for idx in sorted(self.vocab): self.bytes_to_id.setdefault(self.vocab[idx], idx)
@@ -197,24 +226,58 @@ def train(cls:BPETokenizer,
           verbose:bool=False, # show a progress bar
           **kwargs, # passed on to `BPETokenizer` (chat_template, eos_token, backend, ...)
          ) -> BPETokenizer:
-    "Train a byte-level BPE tokenizer with `vocab_size` ids on `text`."
+    "Train a byte-level BPE tokenizer with `vocab_size` ids on `text` (ValueError if empty; a warning if it runs out of pairs)."
     special_tokens = list(dict.fromkeys(special_tokens))
     if not isinstance(vocab_size, int) or vocab_size < 256 + len(special_tokens):
         raise ValueError(f"vocab_size is {vocab_size!r}; expected an int >= 256 + {len(special_tokens)} special tokens = {256 + len(special_tokens)}")
     word_counts = count_words(text, pattern, special_tokens)
-    merges = train_bpe(word_counts, vocab_size - 256 - len(special_tokens), verbose=verbose)
+    if not word_counts: raise ValueError("text is empty; expected training text with at least one character")
+    num_merges = vocab_size - 256 - len(special_tokens)
+    merges = train_bpe(word_counts, num_merges, verbose=verbose)
+    if len(merges) < num_merges:
+        warnings.warn(f"the training text has pairs for only {len(merges)} of the {num_merges} merges asked for; "
+                      f"the vocabulary has {256 + len(merges) + len(special_tokens)} ids, not vocab_size={vocab_size}")
     vocab = {b: bytes([b]) for b in range(256)}
     for new_id, (a, b) in enumerate(merges, start=256): vocab[new_id] = vocab[a] + vocab[b]
     specials = {s: len(vocab) + i for i, s in enumerate(special_tokens)}
     return cls(vocab, merges, specials, pattern=pattern, **kwargs)
 
 # %% ../../nbs/21_bpe_tokenizer.ipynb #0f970f06
+LONG_CHUNK = 256   # chunks with more bytes than this are merged with the heap
+
+def bpe_merge_heap(
+    ids:list, # a chunk's tokens (its byte ids)
+    rank_of, # (left, right) -> the merge's rank, or None (e.g. `merge_ranks.get`)
+    merged:list, # merged[rank]: the token that the merge of that rank makes
+) -> list:
+    "Merge the lowest-rank adjacent pair (leftmost on ties) until none is left, in O(n log n)."
+    n = len(ids)
+    ids, alive = list(ids), [True] * n
+    left, right = list(range(-1, n - 1)), list(range(1, n + 1))      # neighbours of position i (-1 / n: none)
+    # heap entries are the ints rank * n + i: ordered by rank, then position (leftmost first); ints compare fast
+    heap = [rank * n + i for i in range(n - 1) if (rank := rank_of((ids[i], ids[i + 1]))) is not None]
+    heapq.heapify(heap)
+    while heap:
+        rank, i = divmod(heapq.heappop(heap), n)
+        j = right[i] if alive[i] else n
+        if j == n or rank_of((ids[i], ids[j])) != rank: continue        # stale: the pair changed after the push
+        ids[i], alive[j] = merged[rank], False                            # i holds the new token, j is gone
+        right[i] = right[j]
+        if right[i] < n: left[right[i]] = i
+        if left[i] >= 0 and (rank := rank_of((ids[left[i]], ids[i]))) is not None: heapq.heappush(heap, rank * n + left[i])
+        if right[i] < n and (rank := rank_of((ids[i], ids[right[i]]))) is not None: heapq.heappush(heap, rank * n + i)
+    return [token for token, kept in zip(ids, alive) if kept]
+
 @patch
-def _encode_chunk(self:BPETokenizer, chunk:bytes) -> list[int]:
+def _encode_chunk(self:BPETokenizer,
+                  chunk:bytes, # one pre-tokenized chunk
+                  long_chunk:int=LONG_CHUNK, # longer chunks are merged with `bpe_merge_heap`
+                 ) -> list[int]:
     "BPE on one pre-tokenized chunk: merge the lowest-rank adjacent pair (leftmost on ties) until none is left."
     ids = [self.byte_ids[b] for b in chunk]
     if self.missing_bytes and None in ids: ids = [i for i in ids if i is not None]   # bytes the vocab lacks vanish
     if self.ignore_merges and len(ids) > 1 and chunk in self.bytes_to_id: return [self.bytes_to_id[chunk]]
+    if len(ids) > long_chunk: return bpe_merge_heap(ids, self.merge_ranks.get, self.merge_ids)
     rank_of, no_merge = self.merge_ranks.get, len(self.merges)      # no_merge: larger than every rank
     pair_ranks = [rank_of(pair, no_merge) for pair in zip(ids, ids[1:])]   # pair_ranks[i]: rank of (ids[i], ids[i+1])
     while pair_ranks:
@@ -231,9 +294,10 @@ def _encode_chunk(self:BPETokenizer, chunk:bytes) -> list[int]:
 @patch
 def encode_ordinary_python(self:BPETokenizer, text:str) -> list[int]:
     "Pure-Python encoding of `text` (no special tokens): split into chunks, BPE each chunk (cached)."
+    check_text(text)
     cache, ids = self._cache, []
     if len(cache) > 200_000: cache.clear()                        # bound the memory the cache can take
-    for chunk in self._split.findall(text):
+    for chunk in split_chunks(self._split, text):
         if chunk not in cache: cache[chunk] = self._encode_chunk(chunk.encode("utf-8"))
         ids += cache[chunk]
     return ids
@@ -243,9 +307,15 @@ def rank_bpe(
     token:bytes, # the bytes to split
     ranks:dict[bytes, int], # mergeable bytes -> rank
     max_rank:int, # only merges with a rank below this are used
+    rank_bytes:list[bytes]|None=None, # rank_bytes[rank]: the bytes with that rank (lets long tokens use the heap)
 ) -> list[bytes]:
     "tiktoken's rule: repeatedly join the adjacent pair whose concatenation has the lowest rank."
     parts = [token[i:i + 1] for i in range(len(token))]
+    if len(parts) > LONG_CHUNK and rank_bytes is not None:          # the same rule in O(n log n)
+        def rank_of(pair):
+            rank = ranks.get(pair[0] + pair[1])
+            return rank if rank is not None and rank < max_rank else None
+        return bpe_merge_heap(parts, rank_of, rank_bytes)
     while len(parts) > 1:
         best_rank, best_i = max_rank, -1
         for i in range(len(parts) - 1):
@@ -264,9 +334,10 @@ def tiktoken_ranks(self:BPETokenizer) -> tuple[dict[bytes, int], list[int], bool
         ranks.setdefault(self.vocab[merged_id], 256 + rank)
         rank_to_id.append(merged_id)
     consistent = len(ranks) == len(rank_to_id)                  # no two merges make the same bytes
+    rank_bytes = list(ranks)                                    # when consistent, in rank order: rank -> bytes
     for rank, (a, b) in enumerate(self.merges):
         if not consistent: break
-        consistent = rank_bpe(self.vocab[a] + self.vocab[b], ranks, 256 + rank) == [self.vocab[a], self.vocab[b]]
+        consistent = rank_bpe(self.vocab[a] + self.vocab[b], ranks, 256 + rank, rank_bytes) == [self.vocab[a], self.vocab[b]]
     return ranks, rank_to_id, consistent
 
 # %% ../../nbs/21_bpe_tokenizer.ipynb #a78b67fb
@@ -286,6 +357,19 @@ def missing_bytes_pattern(
     return regex.compile("[" + "".join(f"\\U{lo:08x}-\\U{hi:08x}" for lo, hi in ranges) + "]")
 
 # %% ../../nbs/21_bpe_tokenizer.ipynb #f45ee208
+LONG_RUN = 1000   # text that may hold a run this long of one character class is encoded in Python, not by tiktoken
+_CLASS_RUN = regex.compile(r"\s+|\p{L}+|\p{N}+|[^\s\p{L}\p{N}]+")   # exactly one branch matches at any position
+
+def has_long_run(
+    text:str, # the text to scan
+    length:int=LONG_RUN, # the run length to look for
+) -> bool:
+    "Whether `text` may hold a run of `length` characters of one class (certain from `2 * length` on), in O(len / length) probes."
+    # a run of 2 * length characters or more contains a multiple of `length` followed by at least `length` of its characters
+    for start in range(0, len(text) - length + 1, length):
+        if _CLASS_RUN.match(text, start).end() - start >= length: return True
+    return False
+
 @patch
 def tiktoken_encoding(self:BPETokenizer):
     "A `tiktoken.Encoding` with the same ranks, or None when tiktoken is missing or would give different ids."
@@ -306,8 +390,13 @@ def encode_ordinary_tiktoken(self:BPETokenizer, text:str) -> list[int]:
     encoding = self.tiktoken_encoding()
     if encoding is None: raise ValueError("backend 'tiktoken' is unavailable: tiktoken is missing or its ranks would not reproduce this merge list")
     _, rank_to_id, missing = self._tiktoken
+    check_text(text)                                      # tiktoken would replace a lone surrogate by U+FFFD
     if missing is not None and missing.search(text): return self.encode_ordinary_python(text)  # uses a missing byte
-    ids = encoding.encode_ordinary(text)
+    if has_long_run(text): return self.encode_ordinary_python(text)   # tiktoken's regex could overflow its stack
+    try: ids = encoding.encode_ordinary(text)
+    except BaseException as e:                            # a Rust panic: pyo3's PanicException is a BaseException
+        if type(e).__name__ != "PanicException": raise
+        return self.encode_ordinary_python(text)
     return ids if rank_to_id is None else [rank_to_id[r] for r in ids]
 
 @patch
@@ -364,8 +453,17 @@ def get_state(self:BPETokenizer) -> dict:
 
 @patch(cls_method=True)
 def from_state(cls:BPETokenizer, state:dict, special_tokens:dict[str, int]):
-    "Rebuild from `get_state()`."
-    vocab = {int(i): str_to_token(s) for s, i in state["vocab"].items()}
+    "Rebuild from `get_state()`; a bad entry is a ValueError that names it."
+    if not isinstance(state.get("vocab"), dict): raise ValueError("state.vocab is missing or not a JSON object")
+    if not isinstance(state.get("merges"), list): raise ValueError("state.merges is missing or not a list")
+    vocab = {}
+    for spelled, idx in state["vocab"].items():
+        if type(idx) is not int or idx < 0: raise ValueError(f"vocab[{spelled!r}] is {idx!r}; expected a non-negative int id")
+        if idx in vocab: raise ValueError(f"vocab[{spelled!r}] is {idx}, an id that another entry already has")
+        vocab[idx] = str_to_token(spelled)
+    for rank, merge in enumerate(state["merges"]):
+        if not (isinstance(merge, list) and len(merge) == 2 and all(type(i) is int for i in merge)):
+            raise ValueError(f"merges[{rank}] is {json.dumps(merge)[:80]}; expected [left id, right id]")
     return cls(vocab, [tuple(m) for m in state["merges"]], special_tokens, pattern=state["pattern"],
                chat_template=state.get("chat_template"), bos_token=state.get("bos_token"),
                eos_token=state.get("eos_token"), ignore_merges=state.get("ignore_merges", False))
@@ -435,18 +533,37 @@ def from_hf(cls:BPETokenizer,
     if data.get("normalizer") is not None: raise ValueError(f"{str(path)!r} has a normalizer; only byte-level BPE without one is supported")
     if model.get("byte_fallback") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
         raise ValueError(f"{str(path)!r} uses byte_fallback or subword affixes; expected plain byte-level BPE")
-    special_tokens = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
-    config = {}
-    if (directory/"tokenizer_config.json").is_file():
-        config = json.loads((directory/"tokenizer_config.json").read_text(encoding="utf-8"))
-    def token_name(value): return value.get("content") if isinstance(value, dict) else value
-    bos, eos = token_name(config.get("bos_token")), token_name(config.get("eos_token"))
-    return cls.from_vocab_and_merges(model["vocab"], model["merges"], special_tokens,
-                                     pattern=_pattern_from_hf(data.get("pre_tokenizer")),
-                                     ignore_merges=model.get("ignore_merges", False),
-                                     chat_template=config.get("chat_template"),
-                                     bos_token=bos if bos in special_tokens else None,
-                                     eos_token=eos if eos in special_tokens else None, **kwargs)
+    config = _read_tokenizer_config(directory/"tokenizer_config.json")
+    bos, eos = config.get("bos_token"), config.get("eos_token")
+    try:
+        special_tokens = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+        return cls.from_vocab_and_merges(model["vocab"], model["merges"], special_tokens,
+                                         pattern=_pattern_from_hf(data.get("pre_tokenizer")),
+                                         ignore_merges=model.get("ignore_merges", False),
+                                         chat_template=config.get("chat_template"),
+                                         bos_token=bos if bos in special_tokens else None,
+                                         eos_token=eos if eos in special_tokens else None, **kwargs)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise ValueError(f"{str(path)!r} is not a valid byte-level BPE tokenizer.json ({type(e).__name__}: {e})") from e
+
+def _read_tokenizer_config(path:Path) -> dict:
+    "The fields we use from a `tokenizer_config.json` (none if the file is absent), checked; errors name the file and key."
+    if not path.is_file(): return {}
+    try: config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ValueError(f"{str(path)!r} is not valid JSON: {e}") from e
+    if not isinstance(config, dict): raise ValueError(f"{str(path)!r} holds a {type(config).__name__}; expected a JSON object")
+    checked = {}
+    for key in ("bos_token", "eos_token"):
+        value = config.get(key)
+        if isinstance(value, dict): value = value.get("content")      # the AddedToken form {"content": ...}
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{str(path)!r} has {key} = {json.dumps(config[key])[:80]}; expected a string or {{\"content\": string}}")
+        checked[key] = value
+    template = config.get("chat_template")
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{str(path)!r} has a chat_template of type {type(template).__name__}; expected a Jinja string")
+    checked["chat_template"] = template
+    return checked
 
 # %% ../../nbs/21_bpe_tokenizer.ipynb #e0f175f4
 @patch
@@ -585,12 +702,44 @@ def apply_chat_template(self:BPETokenizer,
                         messages:list[dict], # [{"role": ..., "content": ...}, ...]
                         add_generation_prompt:bool=True, # end with the header of an assistant turn
                         tokenize:bool=True, # return ids (True) or the rendered text (False)
+                        content_specials:str="special", # special strings in message content: 'special' (as Transformers) or 'text'
                         **context, # further template variables
                        ) -> list[int]|str:
-    "Render `messages` with this tokenizer's chat template and encode them (special tokens allowed)."
+    "Render `messages` with this tokenizer's chat template and encode them; the template's special tokens are special."
     if not self.chat_template: raise ValueError("this tokenizer has no chat_template")
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise ValueError("messages must be a list of dicts with 'role' and 'content'")
+    if content_specials not in ("special", "text"):
+        raise ValueError(f"content_specials is {content_specials!r}; expected 'special' or 'text'")
     context = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "", **context}
     text = render_chat_template(self.chat_template, messages, add_generation_prompt, **context)
-    return self.encode(text, allowed_special="all") if tokenize else text
+    if not tokenize: return text
+    if content_specials == "special": return self.encode(text, allowed_special="all")
+    return self._encode_with_plain_content(text, messages, add_generation_prompt, context)
+
+@patch
+def _encode_with_plain_content(self:BPETokenizer, text:str, messages:list[dict], add_generation_prompt:bool, context:dict) -> list[int]:
+    "Encode the rendered `text` with the template's special strings as specials and the messages' content as plain text."
+    contents = [m.get("content") for m in messages]
+    marks = [f"\ue000{i}:{uuid.uuid4().hex}\ue001" if isinstance(c, str) and c else None for i, c in enumerate(contents)]
+    marked = [{**m, "content": mark} if mark else m for m, mark in zip(messages, marks)]
+    skeleton = render_chat_template(self.chat_template, marked, add_generation_prompt, **context)
+    # cut the skeleton at the marks: template text at even positions, a mark (a message's content) at odd ones
+    used = [mark for mark in marks if mark]
+    pieces = regex.split("(" + "|".join(map(regex.escape, used)) + ")", skeleton) if used else [skeleton]
+    segments = [(piece, i % 2 == 1) for i, piece in enumerate(pieces)]   # (text, is it content?)
+    by_mark = {mark: contents[i] for i, mark in enumerate(marks) if mark}
+    segments = [(by_mark[piece], True) if is_content else (piece, False) for piece, is_content in segments]
+    if "".join(piece for piece, _ in segments) != text:
+        raise ValueError("this chat template changes the message content, so content_specials='text' cannot "
+                         "tell content from template; use content_specials='special' on content you trust")
+    special = self._special_pattern(frozenset(self.special_tokens))
+    ids, pending = [], ""                                  # pending: ordinary text not encoded yet
+    for piece, is_content in segments:
+        if is_content or special is None: pending += piece; continue
+        for i, part in enumerate(special.split(piece)):
+            if i % 2 == 0: pending += part; continue
+            if pending: ids += self.encode_ordinary(pending)
+            ids.append(self.special_tokens[part]); pending = ""
+    if pending: ids += self.encode_ordinary(pending)
+    return ids

@@ -8,7 +8,7 @@ __all__ = ['CharTokenizer']
 # %% ../../nbs/22_char_tokenizer.ipynb #2b5c0510
 from typing import Iterable
 
-from .base_tokenizer import BaseTokenizer
+from .base_tokenizer import BaseTokenizer, check_text
 
 # %% ../../nbs/22_char_tokenizer.ipynb #077d1d28
 class CharTokenizer(BaseTokenizer):
@@ -20,15 +20,13 @@ class CharTokenizer(BaseTokenizer):
         chars = list(chars)
         for c in chars:
             if not isinstance(c, str) or len(c) != 1: raise ValueError(f"chars has {c!r}; expected single characters")
+            check_text(c, "chars")
         if len(set(chars)) != len(chars): raise ValueError("chars has duplicates; expected distinct characters")
         if not chars: raise ValueError("chars is empty; expected at least one character")
         self.chars = chars
         self.char_to_id = {c: i for i, c in enumerate(chars)}
-        special_tokens = special_tokens or {}
-        for text, idx in special_tokens.items():
-            if isinstance(idx, int) and idx < len(chars):
-                raise ValueError(f"special_tokens[{text!r}] is {idx}; expected an id >= {len(chars)} (the characters come first)")
         super().__init__(special_tokens)
+        self._check_special_ids_follow(len(chars))             # the characters come first
 
     @classmethod
     def train(cls,
@@ -36,7 +34,7 @@ class CharTokenizer(BaseTokenizer):
               special_tokens:Iterable[str]=(), # special strings, numbered after the characters
              ) -> "CharTokenizer":
         "Build the vocabulary from the distinct characters of `text`."
-        if not isinstance(text, str) or not text: raise ValueError("text is empty; expected a non-empty training corpus")
+        if not check_text(text): raise ValueError("text is empty; expected a non-empty training corpus")
         chars = sorted(set(text))
         return cls(chars, {s: len(chars) + i for i, s in enumerate(special_tokens)})
 
@@ -45,7 +43,7 @@ class CharTokenizer(BaseTokenizer):
 
     def encode_ordinary(self, text:str) -> list[int]:
         "Map each character to its id; a character outside the vocabulary is an error."
-        try: return [self.char_to_id[c] for c in text]
+        try: return [self.char_to_id[c] for c in check_text(text)]
         except KeyError as e: raise ValueError(f"text has character {e.args[0]!r}, which is not in the vocabulary") from None
 
     def token_bytes(self, idx:int) -> bytes: return self.chars[idx].encode("utf-8")

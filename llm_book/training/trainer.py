@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data._utils.collate import default_collate
 from tqdm import tqdm
 
+from ..tokenizers.base_tokenizer import current_umask   # one umask reader for every file the book writes
 from .optimizer import configure_optimizer
 from .scheduler import get_scheduler
 
@@ -88,8 +89,7 @@ CHECKPOINT_FORMAT = "llm_book-trainer-checkpoint/1"
 
 def user_file_mode() -> int:
     "The permission bits a new file gets under this process's umask (`0o644` for the usual umask `0o022`)."
-    umask = os.umask(0o022); os.umask(umask)   # reading the umask means setting it; put it straight back
-    return 0o666 & ~umask
+    return 0o666 & ~current_umask()
 
 def atomic_save_safetensors(tensors:dict, # name -> tensor
                             metadata:dict, # name -> str
@@ -364,10 +364,15 @@ def no_gradient_sync(self:Trainer):
     finally: self.model.set_requires_gradient_sync(True)
 
 def compute_loss(model:nn.Module, inputs:torch.Tensor, targets:torch.Tensor) -> torch.Tensor:
-    "Mean next-token cross-entropy of `model(inputs)` against `targets` (computed in fp32)."
+    "Mean next-token cross-entropy of `model(inputs)` against `targets` (fp32), plus a mixture of experts' weighted aux loss."
     logits = model(inputs)                                                              # (B, T, V)
     if isinstance(logits, tuple): logits = logits[0]
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    while hasattr(model, "_orig_mod") or hasattr(model, "module"):                      # torch.compile / DDP wrappers
+        model = getattr(model, "_orig_mod", None) or model.module
+    if getattr(model, "aux_loss", None) is not None:                                   # Mixtral's load balancing (ch. 16)
+        loss = loss + model.config.router_aux_loss_coef * model.aux_loss
+    return loss
 
 def train_step(self:Trainer) -> dict:
     "One optimizer step over `grad_accum_steps` micro-batches; returns the step's log row."
