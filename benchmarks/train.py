@@ -7,6 +7,8 @@ a training step of our GPT2 no slower than 0.75x Transformers' `GPT2LMHeadModel`
 loops, alternating step by step); a Trainer step no slower than a plain PyTorch loop over the same model; and the
 recipe's val loss (200-batch estimate) <= 1.91 as the mean of `--seeds` runs (3 by default), each printed.
 Also printed: peak memory and model FLOPs utilisation against this machine's measured matmul throughput.
+Also: `Trainer(compile=True)` (`llm_book train --compile`) against eager, alternating step by step after the compile,
+with the one-off compile time; it says whether compiling wins on this machine.
 Run: .venv/bin/python benchmarks/train.py [--steps N]; the last line is `val_loss=<float> ms_per_step=<median>`.
 """
 import argparse
@@ -68,6 +70,22 @@ def compare_step_times(vocab_size, train_ids, train_ds, steps):
     return statistics.median(trainer.step_times[skip:]), statistics.median(plain_times[skip:])
 
 
+def compare_compile(vocab_size, train_ds, steps):
+    "(compile seconds, median ms per step eager, median ms per step compiled): the same model and batches, alternating."
+    trainers = {compile: Trainer(make_model(vocab_size), train_ds, max_steps=steps + 3, batch_size=BATCH, lr=1e-3, min_lr=1e-4,
+                                 warmup_steps=10, beta2=0.99, eval_interval=0, progress=False, compile=compile)
+                for compile in (False, True)}
+    started = time.perf_counter()
+    for _ in range(3): trainers[True].train_step()   # the first steps compile (forward, backward, and a recompile or two)
+    compile_seconds = time.perf_counter() - started
+    trainers[False].step_times.clear(); trainers[True].step_times.clear()
+    for _ in range(3): trainers[False].train_step()  # the eager one catches up to the same step
+    trainers[False].step_times.clear()
+    for _ in range(steps):
+        trainers[False].train_step(); trainers[True].train_step()
+    return compile_seconds, statistics.median(trainers[False].step_times), statistics.median(trainers[True].step_times)
+
+
 def compare_with_transformers(vocab_size, train_ids, steps):
     "Median ms per plain training step: our GPT2 vs Transformers' GPT2LMHeadModel (sdpa), same shape, alternating."
     import transformers
@@ -105,6 +123,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--timing-steps", type=int, default=100, help="steps of each loop in the speed comparison")
+    parser.add_argument("--compile-steps", type=int, default=100, help="steps of eager and compiled training compared (0: skip)")
     parser.add_argument("--seeds", type=int, default=3, help="recipe runs (seeds 1337, 1338, ...); the mean val loss counts")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
@@ -126,6 +145,15 @@ def main():
     gpt2_ms, hf_ms = compare_with_transformers(tokenizer.vocab_size, train_ids, args.timing_steps)
     print(f"step time ({args.timing_steps} alternating steps each): llm_book GPT2 {gpt2_ms:.1f} ms, "
           f"Transformers GPT2LMHeadModel (sdpa) {hf_ms:.1f} ms, ratio {gpt2_ms / hf_ms:.3f}")
+
+    # 1c. torch.compile against eager, the same recipe model.
+    if args.compile_steps:
+        compile_s, eager_ms, compiled_ms = compare_compile(tokenizer.vocab_size, train_ds, args.compile_steps)
+        device = "GPU" if torch.cuda.is_available() else "CPU"
+        verdict = (f"compiling wins, and pays for its compile time after {compile_s * 1000 / (eager_ms - compiled_ms):.0f} steps"
+                   if compiled_ms < eager_ms else "compiling does not win here")
+        print(f"torch.compile ({args.compile_steps} alternating steps each, after {compile_s:.0f} s of compiling): eager {eager_ms:.1f} ms, "
+              f"compiled {compiled_ms:.1f} ms, speed-up {eager_ms / compiled_ms:.2f}x on this {device}: {verdict}")
 
     # 2. The recipe: 2000 steps with the Trainer, once per seed.
     losses = []

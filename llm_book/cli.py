@@ -5,13 +5,15 @@
 # %% auto #0
 __all__ = ['RUN_FILES', 'positive_int', 'finite_non_negative', 'finite_positive', 'probability', 'model_class', 'model_config',
            'build_tokenizer', 'save_loss_plot', 'print_validation', 'load_corpus', 'check_run_directory',
-           'read_json_file', 'train_command', 'load_run', 'generate_command', 'tokenize_command', 'chat_command',
-           'default_corpus', 'demo_command', 'checked_type', 'device_name', 'build_parser', 'main']
+           'read_json_file', 'torchrun_world_size', 'distributed_batch_size', 'train_command', 'load_run',
+           'generate_command', 'tokenize_command', 'chat_command', 'default_corpus', 'demo_command', 'checked_type',
+           'device_name', 'build_parser', 'main']
 
 # %% ../nbs/36_cli.ipynb #95071d6e
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -120,11 +122,34 @@ def read_json_file(path:Path, what:str) -> dict:
     if not isinstance(value, dict): raise ValueError(f"{what} {str(path)!r} holds a JSON {type(value).__name__}; expected an object")
     return value
 
+def torchrun_world_size() -> int|None:
+    "`WORLD_SIZE` as torchrun sets it, or None in a process torchrun did not start."
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ: return None
+    try: return int(os.environ["WORLD_SIZE"])
+    except ValueError: raise ValueError(f"WORLD_SIZE must be an int, got {os.environ['WORLD_SIZE']!r}") from None
+
+def distributed_batch_size(args) -> int:
+    "The per-process batch size for `args`, with clear errors for --fsdp without torchrun and a batch the processes cannot split."
+    world_size = torchrun_world_size()
+    if args.fsdp and world_size is None:
+        raise ValueError("--fsdp shards the model across processes that torchrun starts, and this process was not started by torchrun; "
+                         "run `torchrun --nproc-per-node 2 -m llm_book.cli train --fsdp ...` (or drop --fsdp)")
+    if args.fsdp_bf16 and not args.fsdp: raise ValueError("--fsdp-bf16 is FSDP's mixed-precision policy; it needs --fsdp")
+    if args.global_batch_size is None: return args.batch_size
+    processes = world_size or 1
+    if args.global_batch_size % processes:
+        raise ValueError(f"--global-batch-size {args.global_batch_size} cannot be split evenly over WORLD_SIZE={processes} processes; "
+                         f"use a multiple of {processes}")
+    return args.global_batch_size // processes
+
 def train_command(args) -> int:
     "`llm_book train`: train a model on a text file."
     import torch
     from llm_book.tokenizers.base_tokenizer import BaseTokenizer
+    from llm_book.training.distributed import cleanup_distributed, setup_distributed
     from llm_book.training.trainer import Trainer, rank_and_world_size
+    batch_size = distributed_batch_size(args)   # checks --fsdp, --global-batch-size against torchrun's environment
+    setup_distributed(timeout=args.dist_timeout)   # joins torchrun's process group (a no-op without torchrun)
     out = Path(args.out)
     existing = check_run_directory(out, args.resume, args.overwrite)
     resuming = args.resume
@@ -143,23 +168,24 @@ def train_command(args) -> int:
         for name in existing: (out / name).unlink()
     torch.manual_seed(args.seed)
     model = model_class(config["architecture"])(config)
+    model_name = type(model).__name__   # before FSDP renames the class
     trainer = Trainer(model, train_ds, val_ds, out_dir=out, resume=args.resume, device=args.device,
-                      max_steps=args.steps, batch_size=args.batch_size, grad_accum_steps=args.grad_accum_steps, lr=args.lr,
+                      max_steps=args.steps, batch_size=batch_size, grad_accum_steps=args.grad_accum_steps, lr=args.lr,
                       min_lr=args.min_lr, warmup_steps=min(args.warmup_steps, args.steps), eval_interval=args.eval_interval,
                       eval_batches=args.eval_batches, log_interval=args.log_interval, checkpoint_interval=args.checkpoint_interval,
-                      mixed_precision=args.mixed_precision, compile=args.compile, seed=args.seed,
+                      mixed_precision=args.mixed_precision, compile=args.compile, fsdp=args.fsdp, fsdp_mixed_precision=args.fsdp_bf16, seed=args.seed,
                       progress=not args.no_progress, max_minutes=args.minutes, on_log=print_validation)
     if trainer.is_main:
         tokenizer.save(out / "tokenizer.json")
         (out / "model_config.json").write_text(json.dumps(config, indent=1))
-        print(f"training {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters) on "
-              f"{len(train_ds):,} windows of {args.block_size} tokens; run directory {out}" + (f", resuming at step {trainer.step}" if resuming else ""))
+        print(f"training {model_name} ({sum(p.numel() for p in model.parameters()):,} parameters) on "
+              f"{len(train_ds):,} windows of {args.block_size} tokens; run directory {out}" + (f", resuming at step {trainer.step}" if resuming else "")
+              + (f"; {trainer.world_size} processes x batch {batch_size}" + (" (FSDP)" if args.fsdp else " (DDP)") if trainer.world_size > 1 else ""))
     history = trainer.fit()
     if trainer.is_main:
         save_loss_plot(history, out / "loss.png", f"{args.model} on {Path(args.data).name}")
         val = [row for row in history if row["split"] == "val"]
         if val: print(f"final val loss {val[-1]['loss']:.4f} (perplexity {val[-1]['perplexity']:.2f}) at step {val[-1]['step']}")
-    from llm_book.training.distributed import cleanup_distributed
     cleanup_distributed()
     return 0
 
@@ -316,7 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--minutes", type=float, default=None, help="stop (with a checkpoint) after this many minutes")
     train.add_argument("--block-size", type=int, default=64, help="context length in tokens")
     train.add_argument("--stride", type=int, default=1, help="distance between training windows")
-    train.add_argument("--batch-size", type=int, default=12)
+    train.add_argument("--batch-size", type=int, default=12, help="sequences per micro-batch, per process")
+    train.add_argument("--global-batch-size", type=positive_int, default=None,
+                       help="sequences per micro-batch over all processes (split evenly; overrides --batch-size)")
     train.add_argument("--grad-accum-steps", type=int, default=1)
     train.add_argument("--lr", type=finite_positive, default=1e-3, help="peak learning rate")
     train.add_argument("--min-lr", type=float, default=None, help="learning-rate floor (default lr/10)")
@@ -332,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", type=device_name, default=None, help="cpu, cuda, cuda:1 ... (default: GPU if available)")
     train.add_argument("--mixed-precision", default="auto", choices=["auto", "bf16", "no"])
     train.add_argument("--compile", action="store_true", help="torch.compile the model")
+    train.add_argument("--fsdp", action="store_true", help="shard the model over the torchrun processes (FSDP2) instead of DDP")
+    train.add_argument("--fsdp-bf16", action="store_true", help="with --fsdp: bf16 weights for compute, fp32 gradient reduction")
+    train.add_argument("--dist-timeout", type=finite_positive, default=None,
+                       help="seconds a rank waits for the others (rendezvous, each collective) before failing; default $LLM_BOOK_DIST_TIMEOUT or 600")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=train_command)
@@ -388,3 +420,7 @@ def main(argv:list[str]|None=None, # the arguments (default: sys.argv[1:])
         message = " ".join(str(e).split("\n"))
         print(f"llm_book {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+# %% ../nbs/36_cli.ipynb #f01f08c6
+#| eval: false
+if __name__ == "__main__": sys.exit(main())   # `python -m llm_book.cli ...`, as torchrun runs it on each rank (not run in the notebook)

@@ -6,9 +6,10 @@
 __all__ = ['CHECKPOINT_FORMAT', 'LOG_FIELDS', 'TrainerConfig', 'user_file_mode', 'atomic_save_safetensors', 'tensor_checksum',
            'metadata_checksum', 'with_checksums', 'non_finite_tensors', 'verify_checksums', 'read_checkpoint',
            'checkpoint_field', 'model_state_tensors', 'load_model_weights', 'rank_and_world_size', 'resolve_device',
-           'Trainer', 'next_batch', 'data_state', 'load_data_state', 'NonFiniteLossError', 'autocast', 'compute_loss',
-           'train_step', 'evaluate', 'save_checkpoint', 'load_checkpoint', 'read_log', 'write_csv', 'log',
-           'plot_losses', 'fit', 'training_flops_per_token', 'measure_matmul_flops', 'peak_memory_mb']
+           'Trainer', 'next_batch', 'data_state', 'load_data_state', 'NonFiniteLossError', 'autocast',
+           'no_gradient_sync', 'compute_loss', 'train_step', 'evaluate', 'save_checkpoint', 'load_checkpoint',
+           'read_log', 'write_csv', 'log', 'plot_losses', 'fit', 'training_flops_per_token', 'measure_matmul_flops',
+           'peak_memory_mb']
 
 # %% ../../nbs/34_trainer.ipynb #5dcd7938
 import contextlib
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data._utils.collate import default_collate
@@ -62,6 +64,8 @@ class TrainerConfig:
     checkpoint_interval:int|None=None # steps between checkpoints; None: at each evaluation
     mixed_precision:str="auto" # 'auto' (bf16 where the GPU supports it), 'bf16' or 'no'
     compile:bool=False # wrap the model in `torch.compile`
+    fsdp:bool=False # shard weights, gradients and optimizer state across the ranks (FSDP2, chapter 35)
+    fsdp_mixed_precision:bool=False # with fsdp: bf16 weights for the forward/backward, fp32 gradient reduction
     seed:int=0 # seeds the model's randomness (dropout) and the data order
     num_workers:int=0 # DataLoader workers for a streaming dataset
     progress:bool=True # show a tqdm progress bar
@@ -78,6 +82,7 @@ class TrainerConfig:
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr: raise ValueError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
         if self.grad_clip is not None and self.grad_clip <= 0: raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
         if self.mixed_precision not in ("auto", "bf16", "no"): raise ValueError(f"mixed_precision must be 'auto', 'bf16' or 'no', got {self.mixed_precision!r}")
+        if self.fsdp_mixed_precision and not self.fsdp: raise ValueError("fsdp_mixed_precision=True needs fsdp=True (it is FSDP's bf16 policy)")
 
 # %% ../../nbs/34_trainer.ipynb #d9387897
 CHECKPOINT_FORMAT = "llm_book-trainer-checkpoint/1"
@@ -176,8 +181,10 @@ def checkpoint_field(metadata:dict, key:str, path:str|Path, parse=json.loads):
 def model_state_tensors(model:nn.Module) -> tuple[dict, dict]:
     "`(tensors, aliases)`: the state dict with each shared storage once, and alias name -> stored name."
     tensors, aliases, seen = {}, {}, {}
+    originals = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
     for name, tensor in model.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if isinstance(tensor, DTensor): key = id(originals.get(name, tensor))   # FSDP shard: tied names share one parameter object
+        else: key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
         if key in seen: aliases[name] = seen[key]
         else: seen[key] = name; tensors[name] = tensor
     return tensors, aliases
@@ -200,6 +207,9 @@ def load_model_weights(model:nn.Module, # the model to fill
     if missing or unexpected or mismatched:
         raise ValueError(f"checkpoint {str(path)!r} (a {metadata.get('model_class')}) does not fit this {type(model).__name__}: "
                          f"missing {missing[:4]}, unexpected {unexpected[:4]}, shape mismatches (checkpoint vs model) {mismatched[:4]}")
+    for name, target in expected.items():
+        if isinstance(target, DTensor):   # an FSDP-sharded model: each rank keeps its own slice of the whole tensor
+            state[name] = distribute_tensor(state[name].to(target.device), target.device_mesh, target.placements, src_data_rank=None)
     model.load_state_dict(state)
     return metadata
 
@@ -245,13 +255,16 @@ class Trainer:
         self.device = resolve_device(device)
         torch.manual_seed(config.seed + self.rank)   # dropout differs between ranks, as it should
         random.seed(config.seed + self.rank)
-        self.model = model.to(self.device)
+        self.model, self.model_class_name = model.to(self.device), type(model).__name__   # FSDP renames the class: keep the model's
+        if config.fsdp:   # before the optimizer, which must hold the sharded parameters
+            from .distributed import shard_model
+            shard_model(model, mixed_precision=config.fsdp_mixed_precision)
         self.optimizer = configure_optimizer(model, config.lr, config.weight_decay, (config.beta1, config.beta2),
                                              decay_embeddings=config.decay_embeddings)
         min_lr = config.lr / 10 if config.min_lr is None else config.min_lr
         self.scheduler = get_scheduler(self.optimizer, config.schedule, config.warmup_steps, config.max_steps, min_lr / config.lr)
         self.train_model = model
-        if self.world_size > 1:
+        if self.world_size > 1 and not config.fsdp:
             self.train_model = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
         if config.compile: self.train_model = torch.compile(self.train_model)
         self.train_data, self.val_data = train_data, val_data
@@ -340,6 +353,16 @@ def autocast(self:Trainer):
     enabled = mode == "bf16" or (mode == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
     return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
+@contextlib.contextmanager
+def no_gradient_sync(self:Trainer):
+    "Accumulate this micro-batch's gradients locally (not the step's last): DDP's `no_sync`, FSDP2's `set_requires_gradient_sync`."
+    if not self.config.fsdp:
+        with self.train_model.no_sync(): yield
+        return
+    self.model.set_requires_gradient_sync(False)
+    try: yield
+    finally: self.model.set_requires_gradient_sync(True)
+
 def compute_loss(model:nn.Module, inputs:torch.Tensor, targets:torch.Tensor) -> torch.Tensor:
     "Mean next-token cross-entropy of `model(inputs)` against `targets` (fp32), plus a mixture of experts' weighted aux loss."
     logits = model(inputs)                                                              # (B, T, V)
@@ -359,7 +382,7 @@ def train_step(self:Trainer) -> dict:
     for micro_step in range(config.grad_accum_steps):
         inputs, targets = (t.to(self.device, non_blocking=True) for t in self.next_batch())
         last = micro_step == config.grad_accum_steps - 1
-        sync = contextlib.nullcontext() if last or self.world_size == 1 else self.train_model.no_sync()
+        sync = contextlib.nullcontext() if last or self.world_size == 1 else self.no_gradient_sync()
         with sync:
             with self.autocast(): loss = compute_loss(self.train_model, inputs, targets)
             (loss / config.grad_accum_steps).backward()
@@ -377,6 +400,7 @@ def train_step(self:Trainer) -> dict:
         raise NonFiniteLossError(f"loss is {loss_value} at step {self.step + 1}; training stopped before the update, {where}")
     max_norm = config.grad_clip if config.grad_clip is not None else float("inf")
     grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+    if isinstance(grad_norm, DTensor): grad_norm = grad_norm.full_tensor()   # FSDP: the norm over every rank's shards
     if not torch.isfinite(grad_norm):   # an update with it would write NaN into every weight
         self.optimizer.zero_grad(set_to_none=True)
         where = f"the last good checkpoint is {str(self.last_checkpoint)!r}" if self.last_checkpoint else "no checkpoint was written"
@@ -392,7 +416,7 @@ def train_step(self:Trainer) -> dict:
     return {"step": self.step, "split": "train", "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
             "tokens": self.tokens_seen, "ms_per_step": elapsed_ms}
 
-Trainer.autocast, Trainer.train_step = autocast, train_step
+Trainer.autocast, Trainer.no_gradient_sync, Trainer.train_step = autocast, no_gradient_sync, train_step
 
 # %% ../../nbs/34_trainer.ipynb #2e0fbb81
 def _eval_batches(self:Trainer, data, num_batches:int):
@@ -448,12 +472,14 @@ def save_checkpoint(self:Trainer, path:str|Path|None=None, # None: `out_dir/chec
     rng_states = self._gather({"torch": torch.get_rng_state().tolist(), "python": random.getstate(),
                                "cuda": torch.cuda.get_rng_state().tolist() if self.device.type == "cuda" else None})
     data_states = self._gather(self.data_state())
+    tensors, aliases = model_state_tensors(self.model)
+    tensors = {f"model.{name}": t for name, t in tensors.items()}
+    optimizer_state = self.optimizer.state_dict()
+    for index, state in optimizer_state["state"].items():
+        for name, value in state.items(): tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value)
+    # FSDP: every rank gathers each whole tensor (in the same order) so that rank 0 can write one ordinary file
+    tensors = {name: t.full_tensor() if isinstance(t, DTensor) else t for name, t in tensors.items()}
     if self.is_main:
-        tensors, aliases = model_state_tensors(self.model)
-        tensors = {f"model.{name}": t for name, t in tensors.items()}
-        optimizer_state = self.optimizer.state_dict()
-        for index, state in optimizer_state["state"].items():
-            for name, value in state.items(): tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value)
         broken = non_finite_tensors(tensors)   # on the training device; `read_checkpoint` makes the same check
         if broken:   # never replace a good checkpoint with one that cannot be loaded
             raise ValueError(f"the training state holds non-finite values at step {self.step}: tensor {', '.join(broken[:4])}; "
@@ -461,7 +487,7 @@ def save_checkpoint(self:Trainer, path:str|Path|None=None, # None: `out_dir/chec
         tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}   # one copy, for the checksums and the file
         scheduler_state = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
         metadata = {"format": CHECKPOINT_FORMAT, "step": str(self.step), "tokens_seen": str(self.tokens_seen),
-                    "trainer_config": json.dumps(asdict(self.config)), "model_class": type(self.model).__name__,
+                    "trainer_config": json.dumps(asdict(self.config)), "model_class": self.model_class_name,
                     "model_config": json.dumps(dict(self.model.config) if isinstance(getattr(self.model, "config", None), Mapping) else None),
                     "aliases": json.dumps(aliases), "optimizer_param_groups": json.dumps(optimizer_state["param_groups"]),
                     "scheduler": json.dumps(scheduler_state), "rng": json.dumps(rng_states), "data": json.dumps(data_states),
@@ -471,6 +497,22 @@ def save_checkpoint(self:Trainer, path:str|Path|None=None, # None: `out_dir/chec
     self.last_checkpoint = path
     return path
 
+def _check_resumable(self:Trainer, path:Path, world_size:int, trainer_config:dict):
+    "Allow resuming with another number of processes when the data order continues: a map-style dataset and the same global batch."
+    saved = f"checkpoint {str(path)!r} was written by {world_size} process(es)"
+    if self.streaming:
+        raise ValueError(f"{saved}; this run has {self.world_size}. A streaming dataset's position is kept per process, "
+                         f"so resume it with {world_size} processes")
+    saved_batch = trainer_config.get("batch_size") if isinstance(trainer_config, dict) else None
+    if not isinstance(saved_batch, int): raise ValueError(f"checkpoint {str(path)!r} has damaged metadata: 'trainer_config' has no int 'batch_size'")
+    if saved_batch * world_size != self.global_batch_size:
+        per_process = saved_batch * world_size / self.world_size
+        fix = (f"use batch_size {int(per_process)} per process" if per_process.is_integer()
+               else f"{self.world_size} processes cannot split it evenly; use a number of processes that divides {saved_batch * world_size}")
+        raise ValueError(f"{saved} x batch_size {saved_batch} = a global batch of {saved_batch * world_size}; this run has "
+                         f"{self.world_size} x {self.config.batch_size} = {self.global_batch_size}. Resume with the same global batch so "
+                         f"the data order continues: {fix}")
+
 def load_checkpoint(self:Trainer, path:str|Path|None=None, # None: `out_dir/checkpoint.safetensors`
                    ):
     "Restore weights, optimizer, scheduler, RNG and data position from a checkpoint."
@@ -479,8 +521,7 @@ def load_checkpoint(self:Trainer, path:str|Path|None=None, # None: `out_dir/chec
     load_model_weights(self.model, path, checkpoint)
     field = lambda key, parse=json.loads: checkpoint_field(metadata, key, path, parse)
     world_size = field("world_size", int)
-    if world_size != self.world_size:
-        raise ValueError(f"checkpoint {str(path)!r} was written by {world_size} processes; this run has {self.world_size}")
+    if world_size != self.world_size: self._check_resumable(path, world_size, field("trainer_config"))
     try:   # a checkpoint without checksums may have metadata of the right keys but the wrong shape
         param_groups = field("optimizer_param_groups")
         state = {}
@@ -488,15 +529,25 @@ def load_checkpoint(self:Trainer, path:str|Path|None=None, # None: `out_dir/chec
             if name.startswith("optimizer."):
                 _, index, key = name.split(".", 2)
                 state.setdefault(int(index), {})[key] = tensor
+        parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+        for index, values in state.items():   # FSDP: each rank keeps its slice of the moments, like the weights
+            if index < len(parameters) and isinstance(parameters[index], DTensor):
+                p = parameters[index]
+                values.update({k: distribute_tensor(t.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                               for k, t in values.items() if t.shape == p.shape})
         self.optimizer.load_state_dict({"state": state, "param_groups": param_groups})
         for group in self.optimizer.param_groups: group["betas"] = tuple(group["betas"])
         self.scheduler.load_state_dict({**field("scheduler"), "lr_lambdas": [None] * len(param_groups)})
-        rng = field("rng")[self.rank]
-        torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
-        if rng["cuda"] is not None and self.device.type == "cuda": torch.cuda.set_rng_state(torch.tensor(rng["cuda"], dtype=torch.uint8))
-        version, internal, gauss = rng["python"]
-        random.setstate((version, tuple(internal), gauss))
-        self.load_data_state(field("data")[self.rank])
+        rngs, data_states = field("rng"), field("data")
+        for key, entries in [("rng", rngs), ("data", data_states)]:   # one entry per process of the writing run
+            if len(entries) != world_size: raise IndexError(f"{key!r} has {len(entries)} entries for {world_size} process(es)")
+        if self.rank < len(rngs):   # a rank the writing run did not have keeps the seeds it started with
+            rng = rngs[self.rank]
+            torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+            if rng["cuda"] is not None and self.device.type == "cuda": torch.cuda.set_rng_state(torch.tensor(rng["cuda"], dtype=torch.uint8))
+            version, internal, gauss = rng["python"]
+            random.setstate((version, tuple(internal), gauss))
+        self.load_data_state(data_states[min(self.rank, len(data_states) - 1)])   # map-style: the same global position on every rank
         self.step, self.tokens_seen = field("step", int), field("tokens_seen", int)
     except (KeyError, IndexError, TypeError, AttributeError) as e:
         raise ValueError(f"checkpoint {str(path)!r} has damaged metadata ({type(e).__name__}: {e})") from e
@@ -504,6 +555,7 @@ def load_checkpoint(self:Trainer, path:str|Path|None=None, # None: `out_dir/chec
     self._restore_log()
 
 Trainer._gather, Trainer.save_checkpoint, Trainer.load_checkpoint = _gather, save_checkpoint, load_checkpoint
+Trainer._check_resumable = _check_resumable
 
 # %% ../../nbs/34_trainer.ipynb #4144fc38
 LOG_FIELDS = ["step", "split", "loss", "perplexity", "lr", "grad_norm", "tokens", "ms_per_step"]
