@@ -50,7 +50,7 @@ def chat(model, # an llm_book model (e.g. from `load_gguf`)
         emitted = text
 
 # %% ../nbs/42_chat.ipynb #df883536
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": "int8", "int4": "int4"}
 
 def parse_args(argv: list[str]|None=None) -> argparse.Namespace:
     "The command-line options of `llm_book chat`."
@@ -62,7 +62,7 @@ def parse_args(argv: list[str]|None=None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; e.g. 0.7 to sample")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (float16: half the memory of float32)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (float16: half the memory of float32; int8/int4: quantized weights, chapter 43)")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1: parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not args.temperature >= 0 or args.temperature == float("inf"): parser.error(f"--temperature must be a finite number >= 0, got {args.temperature}")

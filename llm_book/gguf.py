@@ -151,15 +151,18 @@ def state_dict_from_gguf(reader: gguf.GGUFReader, # an open GGUF file
 
 # %% ../nbs/41_gguf.ipynb #1d2d1e0c
 def load_gguf(path: str | Path | None = None, # a LLaMA-architecture .gguf file (default: SmolLM2-135M-Instruct)
-              dtype: torch.dtype = torch.float32, # dtype of the model's weights
+              dtype: torch.dtype | str = torch.float32, # dtype of the weights, or "int8"/"int4" (chapter 43)
              ) -> tuple[Llama, BPETokenizer]:
-    "Load a GGUF checkpoint into our `Llama` (eval mode) and its `BPETokenizer`."
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"dtype is {dtype}; expected torch.float32, torch.float16 or torch.bfloat16")
+    "Load a GGUF checkpoint into our `Llama` (eval mode) and its `BPETokenizer`; int8/int4 weights use `QuantizedLinear`."
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16, "int8", "int4"):
+        raise ValueError(f"dtype is {dtype!r}; expected torch.float32, torch.float16, torch.bfloat16, 'int8' or 'int4'")
     path = smollm2_path() if path is None else Path(path)
     reader = read_gguf(path)
     config = config_from_gguf(reader)
     model = Llama(config)
     load_state_dict_strict(model, state_dict_from_gguf(reader, config), what=f"GGUF file {path.name}")
     tokenizer = BPETokenizer.from_gguf(path)
+    if isinstance(dtype, str):                     # weight-only quantization: Q4_1 blocks go in as they are
+        from llm_book.quantize import quantize_gguf_model
+        return quantize_gguf_model(model, reader, config, int(dtype[3:])).eval(), tokenizer
     return model.to(dtype).eval(), tokenizer

@@ -66,7 +66,7 @@ def test_main_with_system_and_half_precision(capsys):
 
 
 def test_bad_arguments():
-    for argv in (["--max-new-tokens", "0"], ["--temperature", "-1"], ["--dtype", "int8"]):
+    for argv in (["--max-new-tokens", "0"], ["--temperature", "-1"], ["--dtype", "int3"]):
         with pytest.raises(SystemExit):
             parse_args(argv)
 

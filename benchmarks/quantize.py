@@ -1,0 +1,124 @@
+"""Weight-only int8/int4 on SmolLM2-135M-Instruct: decode speed against our fp16 and llama.cpp, perplexity side by side.
+
+Contenders (greedy decode, batch 1, one process): llm_book in float16, int8 and int4 (`load_gguf(dtype=...)`, chapter 43)
+and llama.cpp (llama-cpp-python) on the same Q4_1 GGUF file. They take turns round by round and the best round counts,
+which keeps the ratios fair on a shared, noisy machine. Then the perplexity of a held-out slice of tiny-shakespeare
+(chapter 44: same tokens, same windows) for float32, int8, int4 and llama.cpp. Prints a table, the measured memory
+bandwidth and the bound it sets (tok/s <= bandwidth / weight bytes read per token), and ends with one line:
+
+    int4_vs_llamacpp=... int8_vs_fp16=... ppl_fp32=... ppl_int8=... ppl_int4=... ppl_llamacpp=... spec_speedup=n/a spec_identical=n/a
+
+    python benchmarks/quantize.py [--new-tokens 64] [--rounds 3] [--threads 1] [--ppl-tokens 512] [--context 256]
+
+Targets (issue 16): int4 >= 0.8x llama.cpp tok/s, int8 >= 1.5x our fp16; perplexity int8 within 1% of fp32, int4 within
+5% and no worse than llama.cpp's by more than 2%. Speculative decoding is another module; its figures read n/a here.
+"""
+import argparse
+import importlib.util
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch
+
+from llm_book.evaluate import LlamaCppLogits, perplexity
+from llm_book.gguf import load_gguf, smollm2_path
+from llm_book.quantize import weight_bytes
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "Write a short story about a robot who learns to paint."
+
+
+def decode_ours(model, input_ids, new_tokens):
+    "Decode tokens/s after the first token (the first one pays for the prompt)."
+    first, count = None, 0
+    for _ in model.stream(input_ids, max_new_tokens=new_tokens):
+        count += 1
+        if first is None: first = time.perf_counter()
+    return (count - 1) / (time.perf_counter() - first)
+
+
+def decode_llamacpp(llm, prompt_ids, new_tokens):
+    "The same measure for llama.cpp: greedy (top_k=1), tokens after the first."
+    llm.reset()
+    first, count = None, 0
+    for _ in llm.generate(prompt_ids, top_k=1, temp=0.0, reset=True):
+        count += 1
+        if first is None: first = time.perf_counter()
+        if count == new_tokens: break
+    return (count - 1) / (time.perf_counter() - first)
+
+
+def bandwidth_gbs(megabytes=256, rounds=5):
+    "Memory read bandwidth (GB/s): the best of a few sums over a buffer far larger than the caches."
+    buffer = torch.ones(megabytes * 2**20 // 4)
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter(); buffer.sum(); best = min(best, time.perf_counter() - start)
+    return buffer.numel() * 4 / best / 1e9
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (the best counts)")
+    parser.add_argument("--threads", type=int, default=1, help="threads for torch and llama.cpp")
+    parser.add_argument("--ppl-tokens", type=int, default=512, help="held-out tokens scored for perplexity")
+    parser.add_argument("--context", type=int, default=256, help="perplexity window (stride: half of it)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    has_llamacpp = importlib.util.find_spec("llama_cpp") is not None
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    models, tokenizer = {}, None
+    for name, dtype in [("fp32", torch.float32), ("fp16", torch.float16), ("int8", "int8"), ("int4", "int4")]:
+        models[name], tokenizer = load_gguf(dtype=dtype)
+    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}])
+    input_ids = torch.tensor([prompt_ids])
+    llm = None
+    if has_llamacpp:
+        import llama_cpp
+        llm = llama_cpp.Llama(model_path=str(smollm2_path()), n_ctx=512, n_threads=args.threads,
+                              n_threads_batch=args.threads, verbose=False)
+    else:
+        print("llama-cpp-python: not installed, llama.cpp column skipped (pip install llama-cpp-python)")
+
+    speed = {name: 0.0 for name in ["fp16", "int8", "int4"] + (["llama.cpp"] if llm else [])}
+    with torch.no_grad():
+        for _ in range(args.rounds):
+            for name in speed:
+                rate = (decode_llamacpp(llm, prompt_ids, args.new_tokens) if name == "llama.cpp"
+                        else decode_ours(models[name], input_ids, args.new_tokens))
+                speed[name] = max(speed[name], rate)
+    gbs = bandwidth_gbs()
+    print(f"memory bandwidth: {gbs:.1f} GB/s (sum over 256 MB, best of 5)")
+    print(f"{'model':>10} {'decode tok/s':>13} {'bytes/weight':>13} {'bound tok/s':>12}")
+    for name, rate in speed.items():
+        if name == "llama.cpp": print(f"{name:>10} {rate:13.1f} {'':>13} {'':>12}"); continue
+        wb = weight_bytes(models[name])
+        print(f"{name:>10} {rate:13.1f} {wb['bytes_per_weight']:13.3f} {gbs * 1e9 / wb['bytes']:12.1f}")
+
+    text = (ROOT / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")[-20_000:]
+    held_out = tokenizer.encode(text)[-args.ppl_tokens:]
+    window = dict(context_length=args.context, stride=args.context // 2,
+                  num_bytes=len(tokenizer.decode(held_out).encode("utf-8")))
+    ppl = {name: perplexity(models[name], held_out, **window) for name in ("fp32", "int8", "int4")}
+    if has_llamacpp:
+        ppl["llamacpp"] = perplexity(LlamaCppLogits(smollm2_path(), args.context, threads=args.threads), held_out, **window)
+    print(f"perplexity on {len(held_out)} held-out tokens (window {args.context}, stride {args.context // 2}):")
+    for name, r in ppl.items():
+        print(f"{name:>10} ppl {r['perplexity']:8.3f}  bits/byte {r['bits_per_byte']:.4f}  "
+              f"vs fp32 {r['perplexity'] / ppl['fp32']['perplexity'] - 1:+.2%}")
+
+    fmt = lambda x: "n/a" if x is None else f"{x:.3f}"
+    figures = dict(int4_vs_llamacpp=speed["int4"] / speed["llama.cpp"] if llm else None,
+                   int8_vs_fp16=speed["int8"] / speed["fp16"],
+                   ppl_fp32=ppl["fp32"]["perplexity"], ppl_int8=ppl["int8"]["perplexity"],
+                   ppl_int4=ppl["int4"]["perplexity"], ppl_llamacpp=ppl["llamacpp"]["perplexity"] if has_llamacpp else None)
+    print(" ".join(f"{k}={fmt(v)}" for k, v in figures.items()) + " spec_speedup=n/a spec_identical=n/a")
+
+
+if __name__ == "__main__":
+    main()
