@@ -97,3 +97,105 @@ def test_adapter_for_another_model_is_refused(tmp_path):
 def test_save_and_merge_need_adapters(tmp_path):
     with pytest.raises(ValueError, match="no LoRA adapters to save"): save_lora(tiny_llama(), tmp_path / "a.safetensors")
     with pytest.raises(ValueError, match="no LoRA adapters to merge"): merge_lora(tiny_llama())
+
+
+# ---- SFT -------------------------------------------------------------------------------------------------------------
+from llm_book.finetune.sft import SFTDataset, check_chat, read_chats, tokenize_chat
+from llm_book.training.trainer import IGNORE_INDEX, Trainer, compute_loss
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from llm_book.gguf import smollm2_path
+    from llm_book.tokenizers.bpe_tokenizer import BPETokenizer
+    return BPETokenizer.from_gguf(smollm2_path())
+
+
+def qa(question, answer): return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+CHATS = [qa(f"What is {a} + {b}? Answer with the number only.", str(a + b)) for a, b in [(1, 2), (3, 4), (10, 7), (8, 8), (2, 9), (5, 0)]]
+
+
+def test_only_assistant_tokens_are_targets(tokenizer):
+    chat = [{"role": "system", "content": "Be brief."}, *qa("Hi", "Hello."), *qa("Bye", "Bye!")]
+    ids, is_assistant = tokenize_chat(tokenizer, chat)
+    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(chat, add_generation_prompt=False, tokenize=False)
+    assert tokenizer.decode([t for t, a in zip(ids, is_assistant) if a]) == "Hello.<|im_end|>\nBye!<|im_end|>\n"
+    data = SFTDataset([chat], tokenizer, max_length=64)
+    inputs, targets = data[0]
+    learned = [int(t) for t in targets if t != IGNORE_INDEX]
+    assert tokenizer.decode(learned) == "Hello.<|im_end|>\nBye!<|im_end|>\n" and data.assistant_tokens == len(learned)
+    assert inputs.tolist() == ids[:-1]
+
+
+def test_masked_positions_get_exactly_zero_gradient(tokenizer):
+    torch.manual_seed(0)
+    model = Llama.from_preset("llama-tiny", vocab_size=tokenizer.vocab_size, max_position_embeddings=128)
+    data = SFTDataset(CHATS[:2] + [[{"role": "system", "content": "Be brief."}, *qa("Hi", "Hello there.")]], tokenizer, 128)
+    inputs, targets = data.get_batch([0, 1, 2])
+    kept = {}
+    def keep(module, args, output): output.retain_grad(); kept["logits"] = output
+    model.register_forward_hook(keep)
+    compute_loss(model, inputs, targets).backward()
+    grad = kept["logits"].grad.abs().sum(-1)                           # (B, T)
+    masked = targets == IGNORE_INDEX
+    assert masked.any() and (~masked).any()
+    assert grad[masked].max().item() == 0.0
+    assert (grad[~masked] > 0).all()
+
+
+@pytest.mark.parametrize("line, message", [
+    ({"prompt": "hi", "answer": "yo"}, "line 2: expected an object with a 'messages' list"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}, "line 2: message 1 is an empty assistant turn"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "line 2: has no assistant turn"),
+    ({"messages": [{"role": "user", "text": "hi"}]}, "line 2: message 0 must be an object with 'role' and 'content'"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "line 2: message 0 has role 'robot'"),
+    ({"messages": []}, "line 2: 'messages' must be a non-empty list"),
+    ("not json", "line 2: not valid JSON"),
+])
+def test_bad_chat_lines_are_named(tmp_path, line, message):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"messages": CHATS[0]}) + "\n" + (line if isinstance(line, str) else json.dumps(line)) + "\n")
+    with pytest.raises(ValueError, match=f"data.jsonl {message}".replace("(", r"\(")): read_chats(path)
+
+
+def test_a_chat_longer_than_the_context_is_an_error_naming_it(tmp_path, tokenizer):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps({"messages": c}) for c in [CHATS[0], qa("word " * 200, "ok")]) + "\n")
+    with pytest.raises(ValueError, match=r"data.jsonl line 2: the chat is \d+ tokens, longer than the context of 129"):
+        SFTDataset.from_jsonl(path, tokenizer, max_length=128)
+    assert len(SFTDataset.from_jsonl(path, tokenizer, max_length=512)) == 2
+
+
+def test_validation_loss_is_a_mean_over_the_assistant_tokens(tokenizer):
+    torch.manual_seed(0)
+    model = Llama.from_preset("llama-tiny", vocab_size=tokenizer.vocab_size, max_position_embeddings=128)
+    data = SFTDataset(CHATS, tokenizer, 128)
+    trainer = Trainer(model, data, val_data=data, batch_size=2, eval_batches=10, progress=False, device="cpu", mixed_precision="no")
+    inputs, targets = data.get_batch(range(len(data)))
+    with torch.no_grad():
+        logits = model(inputs)
+        expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    assert trainer.evaluate()["loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def make_sft_trainer(tokenizer, out_dir, resume=False):
+    torch.manual_seed(0)
+    model = Llama.from_preset("llama-tiny", vocab_size=tokenizer.vocab_size, max_position_embeddings=128, dropout=0.1)
+    add_lora(model, rank=2)
+    data = SFTDataset(CHATS, tokenizer, 128)
+    return Trainer(model, data, max_steps=6, batch_size=2, lr=1e-2, warmup_steps=2, checkpoint_interval=3, log_interval=1,
+                   progress=False, device="cpu", mixed_precision="no", out_dir=out_dir, resume=resume)
+
+
+def test_an_interrupted_lora_fine_tune_resumes_exactly(tmp_path, tokenizer):
+    straight = make_sft_trainer(tokenizer, tmp_path / "straight")
+    straight.fit()
+    interrupted = make_sft_trainer(tokenizer, tmp_path / "interrupted")
+    interrupted.fit(max_steps=3)                                          # stops after the step-3 checkpoint
+    resumed = make_sft_trainer(tokenizer, tmp_path / "interrupted", resume=True)
+    assert resumed.step == 3
+    resumed.fit()
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert [r["loss"] for r in straight.history] == [r["loss"] for r in resumed.history]
