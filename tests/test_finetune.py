@@ -199,3 +199,68 @@ def test_an_interrupted_lora_fine_tune_resumes_exactly(tmp_path, tokenizer):
     for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), name
     assert [r["loss"] for r in straight.history] == [r["loss"] for r in resumed.history]
+
+
+# ---- export ----------------------------------------------------------------------------------------------------------
+from llm_book.finetune.export import gguf_tensors, permute_qk, save_gguf
+from llm_book.gguf import load_gguf, unpermute_qk
+
+
+def tuned_tiny_llama(tokenizer):
+    "A tiny LLaMA with SmolLM2's vocabulary and a merged (random) LoRA update."
+    model = tiny_llama(vocab_size=tokenizer.vocab_size, max_position_embeddings=256)
+    add_lora(model, rank=2)
+    randomize_adapters(model)
+    return merge_lora(model).eval()
+
+
+def test_permute_qk_inverts_unpermute_qk():
+    w = torch.randn(2 * 6, 4)
+    assert torch.equal(unpermute_qk(permute_qk(w, 2), 2), w) and torch.equal(permute_qk(unpermute_qk(w, 2), 2), w)
+
+
+def test_gguf_round_trip_gives_identical_logits(tmp_path, tokenizer):
+    model = tuned_tiny_llama(tokenizer)
+    ids = torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": "What is 4 + 4?"}])])
+    back, back_tokenizer = load_gguf(save_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="f32"))
+    with torch.no_grad(): assert torch.equal(back(ids), model(ids))
+    assert back_tokenizer.chat_template == tokenizer.chat_template
+    assert back_tokenizer.encode("Hello, world! 123") == tokenizer.encode("Hello, world! 123")
+    half, _ = load_gguf(save_gguf(model, tokenizer, tmp_path / "h.gguf", dtype="f16"))
+    with torch.no_grad(): torch.testing.assert_close(half(ids), model(ids), atol=1e-2, rtol=0)   # f16 rounding
+
+
+def test_gguf_writer_bad_input(tmp_path, tokenizer):
+    model = tiny_llama(vocab_size=tokenizer.vocab_size)
+    with pytest.raises(ValueError, match="dtype is 'q4'"): save_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="q4")
+    add_lora(model, rank=2)
+    with pytest.raises(ValueError, match="still has LoRA adapters; call merge_lora"): gguf_tensors(model)
+    with pytest.raises(ValueError, match="tokenizer has 49152 tokens but the model's vocab_size is 128"):
+        save_gguf(tiny_llama(), tokenizer, tmp_path / "m.gguf")
+    with pytest.raises(ValueError, match="architecture 'llama'"): gguf_tensors(GPT2.from_preset("gpt2-tiny"))
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_merged_model_exports_to_transformers_within_1e_4(tmp_path, tokenizer):
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    from llm_book.hf import save_hf
+    model = tuned_tiny_llama(tokenizer)
+    save_hf(model, tmp_path / "hf")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, tokenizer.vocab_size, (2, 16))
+    with torch.no_grad(): torch.testing.assert_close(hf_model(ids).logits, model(ids), atol=1e-4, rtol=0)
+
+
+def test_exported_smollm2_decodes_the_same_greedy_tokens_in_llama_cpp(tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the `bench` extra) is not installed; llama.cpp check skipped")
+    model, tokenizer = load_gguf()
+    path = save_gguf(model, tokenizer, tmp_path / "smollm2-f16.gguf", dtype="f16")
+    ours, _ = load_gguf(path)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    with torch.no_grad(): expected = ours.generate(torch.tensor([prompt]), max_new_tokens=8)[0, len(prompt):].tolist()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, verbose=False)
+    got = []
+    for token in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+        got.append(token)
+        if len(got) == len(expected): break
+    assert got == expected, (tokenizer.decode(got), tokenizer.decode(expected))
