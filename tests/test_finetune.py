@@ -264,3 +264,50 @@ def test_exported_smollm2_decodes_the_same_greedy_tokens_in_llama_cpp(tmp_path):
         got.append(token)
         if len(got) == len(expected): break
     assert got == expected, (tokenizer.decode(got), tokenizer.decode(expected))
+
+
+# ---- CLI -------------------------------------------------------------------------------------------------------------
+from llm_book.cli import main as cli_main
+from llm_book.finetune.cli import load_finetuned
+
+
+@pytest.fixture
+def tiny_gguf_and_data(tmp_path, tokenizer):
+    model = tiny_llama(vocab_size=tokenizer.vocab_size, max_position_embeddings=128)
+    gguf_path = save_gguf(model, tokenizer, tmp_path / "tiny.gguf", dtype="f32")
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CHATS))
+    return gguf_path, data
+
+
+def test_cli_finetune_resume_and_export(tmp_path, tiny_gguf_and_data, capsys):
+    gguf_path, data = tiny_gguf_and_data
+    common = ["--data", str(data), "--model", str(gguf_path), "--lora-rank", "2", "--batch-size", "2", "--device", "cpu",
+              "--no-progress", "--checkpoint-interval", "2", "--warmup-steps", "0"]
+    assert cli_main(["finetune", *common, "--steps", "4", "--out", str(tmp_path / "straight")]) == 0
+    assert (tmp_path / "straight" / "adapter.safetensors").is_file()
+    assert cli_main(["finetune", *common, "--steps", "4", "--minutes", "1e-9", "--out", str(tmp_path / "cut")]) == 0   # stops after 1 step
+    assert cli_main(["finetune", *common, "--steps", "4", "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    straight, tokenizer = load_finetuned(tmp_path / "straight")
+    resumed, _ = load_finetuned(tmp_path / "cut")
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()): assert torch.equal(a, b), name
+    assert cli_main(["export", "--run", str(tmp_path / "straight"), "--to", "gguf", "--dtype", "f32", "--out", str(tmp_path / "t.gguf")]) == 0
+    exported, _ = load_gguf(tmp_path / "t.gguf")
+    ids = torch.randint(0, tokenizer.vocab_size, (1, 10))
+    with torch.no_grad(): assert torch.equal(exported(ids), straight(ids))
+    capsys.readouterr()
+    assert cli_main(["finetune", *common, "--steps", "4", "--out", str(tmp_path / "straight")]) == 2
+    assert "already holds a fine-tune" in capsys.readouterr().err
+
+
+def test_cli_finetune_bad_input(tmp_path, tiny_gguf_and_data, capsys):
+    gguf_path, data = tiny_gguf_and_data
+    base = ["finetune", "--model", str(gguf_path), "--device", "cpu", "--no-progress", "--out", str(tmp_path / "run")]
+    assert cli_main([*base, "--data", str(data), "--lora-rank", "-1"]) == 2
+    assert "rank must be a positive int, got -1" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": CHATS[0]}) + "\n" + json.dumps({"text": "hi"}) + "\n")
+    assert cli_main([*base, "--data", str(bad)]) == 2
+    assert "bad.jsonl line 2: expected an object with a 'messages' list" in capsys.readouterr().err
+    assert cli_main(["export", "--run", str(tmp_path / "nothing"), "--to", "hf", "--out", str(tmp_path / "hf")]) == 2
+    assert "has no finetune.json" in capsys.readouterr().err
