@@ -311,3 +311,30 @@ def test_cli_finetune_bad_input(tmp_path, tiny_gguf_and_data, capsys):
     assert "bad.jsonl line 2: expected an object with a 'messages' list" in capsys.readouterr().err
     assert cli_main(["export", "--run", str(tmp_path / "nothing"), "--to", "hf", "--out", str(tmp_path / "hf")]) == 2
     assert "has no finetune.json" in capsys.readouterr().err
+
+
+# ---- DPO -------------------------------------------------------------------------------------------------------------
+import math
+
+from llm_book.finetune.dpo import dpo_loss, sequence_logprobs
+
+
+def test_dpo_loss_matches_a_hand_computation():
+    # log-ratios: chosen (-2) - (-3) = +1, rejected (-6) - (-5) = -1; margin 0.5 * 2 = 1; loss log(1 + e^-1)
+    loss, stats = dpo_loss(torch.tensor([-2.0, -1.0]), torch.tensor([-6.0, -1.0]), torch.tensor([-3.0, -1.0]),
+                           torch.tensor([-5.0, -3.0]), beta=0.5)
+    expected = (math.log(1 + math.exp(-1)) + math.log(1 + math.exp(1))) / 2     # second row: margin 0.5 * (0 - 2) = -1
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert stats == {"reward_margin": 0.0, "preference_accuracy": 0.5}
+    with pytest.raises(ValueError, match="beta must be > 0"): dpo_loss(*[torch.zeros(1)] * 4, beta=-1)
+
+
+def test_sequence_logprobs_sum_only_the_reply():
+    model = tiny_llama()
+    inputs = torch.randint(0, 128, (2, 6))
+    targets = torch.full((2, 6), IGNORE_INDEX)
+    targets[:, 3:] = torch.randint(0, 128, (2, 3))
+    with torch.no_grad():
+        logp = model(inputs).log_softmax(-1)
+        expected = sum(logp[:, t].gather(-1, targets[:, t, None])[:, 0] for t in range(3, 6))
+        torch.testing.assert_close(sequence_logprobs(model, inputs, targets), expected)
