@@ -18,6 +18,8 @@ requirements = cfg.get("requirements", "").split()
 dev_requirements = cfg.get("dev_requirements", "").split()
 # Hugging Face interop and GGUF files: only users of llm_book.hf / llm_book.gguf need these.
 hf_requirements = ["transformers>=4.46", "tokenizers", "accelerate"]
+# llama.cpp, to check exported GGUF files (tests and benchmarks skip that check without it)
+bench_requirements = ["llama-cpp-python"]
 
 setuptools.setup(
     name=cfg["lib_name"],
@@ -35,7 +37,7 @@ setuptools.setup(
     include_package_data=True,
     package_data={"llm_book": ["data/*"]},
     install_requires=requirements,
-    extras_require={"dev": dev_requirements + hf_requirements, "hf": hf_requirements},
+    extras_require={"dev": dev_requirements + hf_requirements, "hf": hf_requirements, "bench": bench_requirements},
     dependency_links=cfg.get("dep_links", "").split(),
     python_requires=">=" + min_python,
     long_description=Path("README.md").read_text(encoding="utf-8") if Path("README.md").exists() else "",
