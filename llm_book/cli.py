@@ -325,9 +325,9 @@ def device_name(text:str) -> str:
     return text
 
 def build_parser() -> argparse.ArgumentParser:
-    "The `llm_book` argument parser with its five subcommands."
+    "The `llm_book` argument parser with its subcommands."
     parser = argparse.ArgumentParser(prog="llm_book", description="Build, train and run language models from first principles.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,chat,tokenize,demo}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,chat,tokenize,demo,finetune,export}")
 
     train = commands.add_parser("train", help="train a model on a text file", description="Train a tokenizer and a model on a text file.")
     train.add_argument("--data", required=True, help="UTF-8 text file to train on (the last --val-fraction is held out)")
@@ -406,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(func=demo_command)
+    from llm_book.finetune.cli import add_finetune_commands   # chapter 55
+    add_finetune_commands(commands, positive_int, finite_positive)
     return parser
 
 def main(argv:list[str]|None=None, # the arguments (default: sys.argv[1:])
