@@ -36,7 +36,7 @@ SITE = ROOT / "_site"
 MATHJAX_SRC = Path(os.environ.get("MATHJAX_DIR", "/usr/share/javascript/mathjax"))
 # The parts of the book, by the chapter number a notebook's name starts with (`09a_` -> 9).
 PARTS = [(0, 7, "Core building blocks"), (8, 19, "Models"), (20, 29, "Tokenizers"),
-         (30, 39, "Training"), (40, 49, "Real weights")]
+         (30, 39, "Training"), (40, 49, "Real weights"), (50, 59, "Fine-tuning")]
 OTHER_PART = "More"
 # The MathJax 2 files a page needs for TeX input and CommonHTML output (the rest is loaded on demand).
 MATHJAX_FILES = ["MathJax.js", "config/TeX-AMS_CHTML.js", "extensions", "jax/input/TeX", "jax/element",
