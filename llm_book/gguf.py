@@ -103,12 +103,14 @@ def dequantize_tensor(tensor: gguf.ReaderTensor, # one tensor of a GGUFReader
 # %% ../nbs/41_gguf.ipynb #2f917cdd
 def unpermute_qk(weight: torch.Tensor, # (num_heads * head_dim, in) rows of W_q or W_k as stored in GGUF
                  num_heads: int, # heads of this projection (KV heads for W_k)
+                 inverse: bool = False, # True: the way back, half-split -> GGUF's interleaved pairs (the GGUF writer, chapter 54)
                 ) -> torch.Tensor:
-    "Reorder GGUF's interleaved-pair rows of W_q/W_k into the half-split layout of HF and llm_book."
+    "Reorder GGUF's interleaved-pair rows of W_q/W_k into the half-split layout of HF and llm_book (or back, with `inverse`)."
     if weight.shape[0] % num_heads or (weight.shape[0] // num_heads) % 2:
         raise ValueError(f"weight has {weight.shape[0]} rows; expected num_heads {num_heads} × an even head_dim")
     head_dim = weight.shape[0] // num_heads
     perm = interleaved_to_half_split(head_dim)                       # (hd,): evens, then odds
+    if inverse: perm = perm.argsort()                                # (hd,): the permutation that undoes it
     per_head = weight.reshape(num_heads, head_dim, *weight.shape[1:])  # (H, hd, in)
     return per_head[:, perm].reshape(weight.shape)
 

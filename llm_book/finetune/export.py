@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..core.rope import interleaved_to_half_split
-from ..gguf import gguf_name_table
+from ..gguf import gguf_name_table, unpermute_qk
 from ..tokenizers.bpe_tokenizer import SPLIT_PATTERNS
 
 # %% auto #0
@@ -22,13 +22,8 @@ __all__ = ['GGUF_PRE_NAMES', 'permute_qk', 'gguf_tensors', 'save_gguf']
 def permute_qk(weight:torch.Tensor, # (num_heads * head_dim, in) rows of W_q or W_k in the half-split layout
                num_heads:int, # heads of this projection (KV heads for W_k)
               ) -> torch.Tensor:
-    "Reorder the rows of W_q/W_k from our half-split RoPE layout to GGUF's interleaved pairs (inverse of `unpermute_qk`)."
-    if weight.shape[0] % num_heads or (weight.shape[0] // num_heads) % 2:
-        raise ValueError(f"weight has {weight.shape[0]} rows; expected num_heads {num_heads} × an even head_dim")
-    head_dim = weight.shape[0] // num_heads
-    inverse = torch.argsort(interleaved_to_half_split(head_dim))            # (hd,)
-    per_head = weight.reshape(num_heads, head_dim, *weight.shape[1:])       # (H, hd, in)
-    return per_head[:, inverse].reshape(weight.shape)
+    "Reorder the rows of W_q/W_k from our half-split RoPE layout to GGUF's interleaved pairs: chapter 41's `unpermute_qk`, inverted."
+    return unpermute_qk(weight, num_heads, inverse=True)
 
 # %% ../../nbs/54_export.ipynb #f8f88eb2
 GGUF_PRE_NAMES = {"smollm": "smollm", "gpt4": "llama-bpe", "gpt2": "gpt2"}   # our split pattern -> tokenizer.ggml.pre
