@@ -393,7 +393,7 @@ def page_problems(source: str, site: dict, report: dict) -> list:
 
 # Chapters that still owe a measured figure (issue 13: "a figure in every chapter"). The list may only shrink;
 # every other chapter page is checked for at least one loaded image.
-CHAPTERS_WITHOUT_FIGURE_YET = {"index.ipynb", "44_perplexity.ipynb", "45_speculative.ipynb"}
+CHAPTERS_WITHOUT_FIGURE_YET = {"index.ipynb"}
 
 @pytest.mark.parametrize("notebook", [str(p) for p in NOTEBOOKS])
 def test_page(notebook, site, browser_report):
