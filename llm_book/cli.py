@@ -21,17 +21,9 @@ from pathlib import Path
 # %% ../nbs/36_cli.ipynb #5149886c
 def model_class(architecture:str, # a config's "architecture": one of `llm_book.core.config.ARCHITECTURES`
                ):
-    "The model class that builds `architecture`."
-    from llm_book.models.gpt import GPT, GPT2
-    from llm_book.models.llama import Llama
-    from llm_book.models.mistral import Mistral
-    from llm_book.models.mixtral import Mixtral
-    from llm_book.models.gemma3 import Gemma3
-    from llm_book.models.qwen3 import Qwen3
-    classes = {"gpt": GPT, "gpt2": GPT2, "llama": Llama, "mistral": Mistral, "qwen3": Qwen3, "mixtral": Mixtral,
-               "gemma3": Gemma3}
-    if architecture not in classes: raise ValueError(f"architecture {architecture!r} is unknown; expected one of {sorted(classes)}")
-    return classes[architecture]
+    "The model class that builds `architecture`: the registry's (chapter 17), imported only when a command needs a model."
+    from llm_book.models.registry import model_class as registered_class
+    return registered_class(architecture)
 
 def model_config(model:str, # a preset name (`llm_book.models.configs.PRESETS`) or a JSON config file
                  vocab_size:int, # the tokenizer's vocabulary size

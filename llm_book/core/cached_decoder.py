@@ -5,7 +5,6 @@
 # %% ../../nbs/09c_cached_decoder.ipynb #eb8116f1
 from __future__ import annotations
 from typing import Callable
-import torch
 from torch import nn
 from .feed_forward import FeedForward
 from .group_query_attention import GroupQueryAttention

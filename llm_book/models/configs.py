@@ -5,7 +5,7 @@
 # %% ../../nbs/09d_configs.ipynb #9350ae2e
 from __future__ import annotations
 import copy
-from ..core.config import ARCHITECTURES, CONFIG_KEYS, ROPE_ARCHITECTURES, ModelConfig
+from ..core.config import ROPE_ARCHITECTURES, ModelConfig
 from fastcore.basics import patch
 from ..core.base_model import BaseModel
 
