@@ -31,6 +31,7 @@ def model_config(model:str, # a preset name (`llm_book.models.configs.PRESETS`) 
                  **overrides, # config keys to change (None values are ignored)
                 ) -> dict:
     "A checked model config from a preset or a file, sized for the tokenizer and the context."
+    from llm_book.core.config import ARCHITECTURES
     from llm_book.models.configs import PRESETS, check_config, get_config
     if model.endswith(".json"):
         path, source = Path(model), f"model config file {model!r}"
@@ -41,7 +42,7 @@ def model_config(model:str, # a preset name (`llm_book.models.configs.PRESETS`) 
             raise ValueError(f"{source} holds a JSON {type(config).__name__}; expected an object of config keys such as "
                              '{"architecture": "llama", "embed_dim": 64, ...}')
         if "architecture" not in config:
-            raise ValueError(f"{source} has no 'architecture' key; expected one of 'gpt', 'gpt2', 'llama', 'mistral'")
+            raise ValueError(f"{source} has no 'architecture' key; expected one of {', '.join(map(repr, ARCHITECTURES))}")
     elif model in PRESETS: config, source = get_config(model), f"model {model!r}"
     else: raise ValueError(f"model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a .json config file")
     config.update({k: v for k, v in overrides.items() if v is not None})

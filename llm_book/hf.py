@@ -5,7 +5,6 @@
 # %% ../nbs/40_hf.ipynb #f0e6129e
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -16,7 +15,6 @@ from .core.gelu import GELU
 from .models.registry import REGISTRY, architecture_of, model_class
 from .core.rope_scaling import check_rope_scaling
 from .tokenizers.base_tokenizer import BaseTokenizer, current_umask
-
 
 # %% auto #0
 __all__ = ['ARCHITECTURES', 'unsupported_hf_settings', 'config_from_hf', 'config_to_hf', 'hf_name_table', 'check_state_dict',
@@ -133,9 +131,10 @@ def _unsupported_gemma3_settings(hf_config) -> list[str]:
 def config_from_hf(hf_config) -> dict:
     "Our config dict (with its `architecture`) for a 🤗 `OpenAIGPTConfig`, `GPT2Config`, `LlamaConfig` or `MistralConfig`."
     model_type = getattr(hf_config, "model_type", None)
-    if model_type not in ("openai-gpt", "gpt2", "llama", "mistral", "qwen3", "mixtral", "gemma3_text"):
-        raise ValueError(f"hf_config has model_type {model_type!r}; expected 'openai-gpt', 'gpt2', 'llama', 'mistral', "
-                         "'qwen3', 'mixtral' or 'gemma3_text' (Gemma 3's text model: Gemma3ForCausalLM)")
+    known = [cls.hf_model_type for cls in REGISTRY.values()]   # each model class names its 🤗 model_type
+    if model_type not in known:
+        raise ValueError(f"hf_config has model_type {model_type!r}; expected {', '.join(map(repr, known[:-1]))} "
+                         f"or {known[-1]!r} (Gemma 3's text model: Gemma3ForCausalLM)")
     problems = unsupported_hf_settings(hf_config)
     if problems: raise ValueError(f"hf_config ({model_type}) has settings llm_book cannot reproduce: " + "; ".join(problems))
     if model_type == "openai-gpt":   # post-LN blocks, no final norm, an MLP always 4 × n_embd wide
@@ -188,8 +187,9 @@ def config_to_hf(config: dict, # an llm_book config dict (`llm_book.models.confi
     "The 🤗 config (`OpenAIGPTConfig`, `GPT2Config`, `LlamaConfig` or `MistralConfig`) for one of our configs."
     import transformers
     c, arch = config, config.get("architecture")
-    if arch not in ("gpt", "gpt2", "llama", "mistral", "qwen3", "mixtral", "gemma3"):
-        raise ValueError(f"config architecture is {arch!r}; expected 'gpt', 'gpt2', 'llama', 'mistral', 'qwen3', 'mixtral' or 'gemma3'")
+    if arch not in REGISTRY:
+        *others, last = REGISTRY
+        raise ValueError(f"config architecture is {arch!r}; expected {', '.join(map(repr, others))} or {last!r}")
     if arch in ("mixtral", "gemma3"): c = dict(ModelConfig.from_dict(config))   # their own keys, defaults filled in
     # settings of ours that the 🤗 class cannot express
     problems = []
@@ -240,8 +240,7 @@ def config_to_hf(config: dict, # an llm_book config dict (`llm_book.models.confi
                       attention_dropout=c["dropout"], tie_word_embeddings=c["tie_word_embeddings"],
                       pad_token_id=None, bos_token_id=None, eos_token_id=None)
     else:
-        hf_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig, "qwen3": transformers.Qwen3Config,
-                    "mixtral": transformers.MixtralConfig}[arch]
+        hf_class = getattr(transformers, model_class(arch).hf_class).config_class   # LlamaConfig, MistralConfig, ...
         fields = dict(vocab_size=c["vocab_size"], hidden_size=c["embed_dim"], num_attention_heads=c["num_heads"],
                       num_key_value_heads=c.get("num_kv_heads") or c["num_heads"],
                       head_dim=head_dim, num_hidden_layers=c["num_layers"],
