@@ -43,7 +43,7 @@ clean-nbs: setup
 	$(BIN)/nbdev_clean
 
 readme: setup
-	$(BIN)/python tools/make_readme.py
+	$(BIN)/python -m tools.make_readme
 
 # nbdev_export must leave llm_book/ unchanged and nbdev_clean must leave nbs/ unchanged; the README must
 # be the rendering of nbs/index.ipynb.
@@ -57,7 +57,7 @@ test-py: setup system-deps
 	$(BIN)/python -m pytest tests/ -p randomly
 
 site: setup system-deps
-	$(BIN)/python tools/build_site.py
+	$(BIN)/python -m tools.build_site
 
 test: setup system-deps
 	$(MAKE) --no-print-directory check-sync

@@ -21,17 +21,9 @@ from pathlib import Path
 # %% ../nbs/36_cli.ipynb #5149886c
 def model_class(architecture:str, # a config's "architecture": one of `llm_book.core.config.ARCHITECTURES`
                ):
-    "The model class that builds `architecture`."
-    from llm_book.models.gpt import GPT, GPT2
-    from llm_book.models.llama import Llama
-    from llm_book.models.mistral import Mistral
-    from llm_book.models.mixtral import Mixtral
-    from llm_book.models.gemma3 import Gemma3
-    from llm_book.models.qwen3 import Qwen3
-    classes = {"gpt": GPT, "gpt2": GPT2, "llama": Llama, "mistral": Mistral, "qwen3": Qwen3, "mixtral": Mixtral,
-               "gemma3": Gemma3}
-    if architecture not in classes: raise ValueError(f"architecture {architecture!r} is unknown; expected one of {sorted(classes)}")
-    return classes[architecture]
+    "The model class that builds `architecture`: the registry's (chapter 17), imported only when a command needs a model."
+    from llm_book.models.registry import model_class as registered_class
+    return registered_class(architecture)
 
 def model_config(model:str, # a preset name (`llm_book.models.configs.PRESETS`) or a JSON config file
                  vocab_size:int, # the tokenizer's vocabulary size
@@ -39,6 +31,7 @@ def model_config(model:str, # a preset name (`llm_book.models.configs.PRESETS`) 
                  **overrides, # config keys to change (None values are ignored)
                 ) -> dict:
     "A checked model config from a preset or a file, sized for the tokenizer and the context."
+    from llm_book.core.config import ARCHITECTURES
     from llm_book.models.configs import PRESETS, check_config, get_config
     if model.endswith(".json"):
         path, source = Path(model), f"model config file {model!r}"
@@ -49,7 +42,7 @@ def model_config(model:str, # a preset name (`llm_book.models.configs.PRESETS`) 
             raise ValueError(f"{source} holds a JSON {type(config).__name__}; expected an object of config keys such as "
                              '{"architecture": "llama", "embed_dim": 64, ...}')
         if "architecture" not in config:
-            raise ValueError(f"{source} has no 'architecture' key; expected one of 'gpt', 'gpt2', 'llama', 'mistral'")
+            raise ValueError(f"{source} has no 'architecture' key; expected one of {', '.join(map(repr, ARCHITECTURES))}")
     elif model in PRESETS: config, source = get_config(model), f"model {model!r}"
     else: raise ValueError(f"model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a .json config file")
     config.update({k: v for k, v in overrides.items() if v is not None})

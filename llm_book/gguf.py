@@ -15,6 +15,7 @@ import torch
 from .core.rope import interleaved_to_half_split
 from .hf import check_state_dict, load_state_dict_strict
 from .models.llama import Llama
+from .models.registry import gguf_model_class, model_class
 from .tokenizers.bpe_tokenizer import BPETokenizer
 
 # %% auto #0
@@ -67,8 +68,8 @@ def config_from_gguf(reader: gguf.GGUFReader, # an open GGUF file of a LLaMA-arc
     "Our LLaMA config dict from the metadata of a GGUF file."
     md = gguf_metadata(reader)
     arch = md.get("general.architecture")
-    if arch != "llama": raise ValueError(f"general.architecture is {arch!r}; expected 'llama'")
-    get = lambda key, default=None: md.get(f"llama.{key}", default)
+    architecture = gguf_model_class(arch).architecture   # the registry's class that reads this GGUF architecture
+    get = lambda key, default=None: md.get(f"{arch}.{key}", default)
     num_heads, embed_dim = get("attention.head_count"), get("embedding_length")
     head_dim = embed_dim // num_heads
     if get("rope.dimension_count", head_dim) != head_dim:
@@ -76,7 +77,7 @@ def config_from_gguf(reader: gguf.GGUFReader, # an open GGUF file of a LLaMA-arc
                          "(partial rotary embeddings are not supported)")
     tensor_names = {t.name for t in reader.tensors}
     vocab_size = get("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
-    return dict(architecture="llama", vocab_size=int(vocab_size), embed_dim=int(embed_dim),
+    return dict(architecture=architecture, vocab_size=int(vocab_size), embed_dim=int(embed_dim),
                 num_heads=int(num_heads), num_kv_heads=int(get("attention.head_count_kv", num_heads)),
                 num_layers=int(get("block_count")), hidden_dim=int(get("feed_forward_length")),
                 max_position_embeddings=int(get("context_length")), rope_base=float(get("rope.freq_base", 10000.0)),
@@ -161,7 +162,7 @@ def load_gguf(path: str | Path | None = None, # a LLaMA-architecture .gguf file 
     path = smollm2_path() if path is None else Path(path)
     reader = read_gguf(path)
     config = config_from_gguf(reader)
-    model = Llama(config)
+    model = model_class(config["architecture"])(config)
     load_state_dict_strict(model, state_dict_from_gguf(reader, config), what=f"GGUF file {path.name}")
     tokenizer = BPETokenizer.from_gguf(path)
     if isinstance(dtype, str):                     # weight-only quantization: Q4_1 blocks go in as they are

@@ -469,3 +469,12 @@ def test_llama_presets_are_named_after_the_model_they_are():
     assert (v2["max_position_embeddings"], v2["norm_eps"]) == (4096, 1e-5)
     assert count_parameters(v1) == count_parameters(v2) == 6_738_415_616
     assert (get_config("llama-13b")["max_position_embeddings"], get_config("llama-2-13b")["max_position_embeddings"]) == (2048, 4096)
+
+
+def test_registry_names_are_the_config_architectures():
+    "One registry (chapter 17): its names are exactly the names a config may carry, each class under its own name."
+    from llm_book.core.config import ARCHITECTURES
+    from llm_book.models.registry import MODEL_CLASSES, REGISTRY, model_class
+    assert tuple(REGISTRY) == ARCHITECTURES
+    assert all(model_class(cls.architecture) is cls for cls in MODEL_CLASSES)
+    assert len({cls.hf_class for cls in MODEL_CLASSES}) == len(MODEL_CLASSES)

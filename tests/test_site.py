@@ -1,6 +1,6 @@
 """The documentation site, checked in a real browser.
 
-`make site` builds `_site/` (tools/build_site.py); this suite rebuilds it when it is missing or older than
+`make site` builds `_site/` (`python -m tools.build_site`); this suite rebuilds it when it is missing or older than
 the notebooks, serves it on localhost and opens every page in headless Chromium, driven through the Chrome
 DevTools Protocol (`websocket-client`). Each page must render with its title, the sidebar linking every
 chapter, loaded figures, resolving local links, typeset formulas with no raw TeX left, and no `#|` lines
@@ -8,7 +8,6 @@ or raw front matter in its text. A screenshot of one chapter goes to /tmp for a 
 """
 import functools
 import http.server
-import importlib.util
 import json
 import os
 import re
@@ -25,6 +24,9 @@ from pathlib import Path
 
 import pytest
 
+from tools import build_site, make_readme
+from tools.nbtools import split_directives
+
 ROOT = Path(__file__).resolve().parent.parent
 SITE = ROOT / "_site"
 NBS = ROOT / "nbs"
@@ -34,26 +36,18 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--remote-allow-origins=*", "--window-size=1280,900"]
 
-_spec = importlib.util.spec_from_file_location("build_site", BUILD)
-build_site = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(build_site)
 
 NOTEBOOKS = build_site.source_notebooks()
 
 
 # ------------------------------------------------------------------------------------ what the source says
-def _directives(source: str) -> dict:
-    return {m.group(1).lower(): m.group(2).strip().lower()
-            for m in re.finditer(r"^\s*#\|\s*([\w-]+)\s*:?\s*(.*?)\s*$", source, flags=re.MULTILINE)}
-
-
 def _visible_cells(rel: Path) -> list:
     "The source notebook's cells a reader sees (hidden / excluded cells dropped)."
     cells = json.loads((NBS / rel).read_text(encoding="utf-8"))["cells"]
     out = []
     for cell in cells:
         src = "".join(cell.get("source", ""))
-        d = _directives(src) if cell["cell_type"] == "code" else {}
+        d = split_directives(src)[0] if cell["cell_type"] == "code" else {}
         if "hide" in d or d.get("include") == "false" or {"export", "exporti", "default_exp"} & d.keys():
             continue
         if d.get("output") == "false":
@@ -99,7 +93,7 @@ def _site_is_stale() -> bool:
     pages = {page["source"] for page in json.loads(manifest.read_text())["pages"]}
     if pages != {f"nbs/{p.as_posix()}" for p in build_site.source_notebooks()}:
         return True
-    inputs = [BUILD, ROOT / "settings.ini", ROOT / "_quarto.yml"]
+    inputs = [BUILD, BUILD.parent / "nbtools.py", ROOT / "settings.ini", ROOT / "_quarto.yml"]
     inputs += [p for p in NBS.rglob("*") if p.is_file() and p.name != "sidebar.yml"]
     inputs += list((ROOT / "llm_book").rglob("*.py"))  # show_doc output comes from the package
     return any(p.exists() and p.stat().st_mtime > built for p in inputs)
@@ -110,8 +104,8 @@ def site() -> dict:
     "The built site's manifest; builds `_site/` first when it is missing or stale."
     if _site_is_stale():
         # A chapter that fails to build gets an error page and a non-zero exit; its page test reports it.
-        subprocess.run([sys.executable, str(BUILD)], cwd=ROOT, timeout=900)
-    assert (SITE / "site.json").exists(), "tools/build_site.py did not produce _site/site.json"
+        subprocess.run([sys.executable, "-m", "tools.build_site"], cwd=ROOT, timeout=900)
+    assert (SITE / "site.json").exists(), "python -m tools.build_site did not produce _site/site.json"
     manifest = json.loads((SITE / "site.json").read_text())
     return {page["source"]: page for page in manifest["pages"]}
 
@@ -488,9 +482,6 @@ def test_code_fold_renders_as_details():
 
 def test_make_readme_rules():
     "README: title and summary from the H1 cell, hidden/exported cells dropped, `echo: false` keeps the output."
-    spec = importlib.util.spec_from_file_location("make_readme", ROOT / "tools" / "make_readme.py")
-    make_readme = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_readme)
     md = lambda s: {"cell_type": "markdown", "source": s, "metadata": {}}
     code = lambda s, outs=(): {"cell_type": "code", "source": s, "metadata": {}, "outputs": list(outs)}
     stream = lambda s: {"output_type": "stream", "name": "stdout", "text": s}

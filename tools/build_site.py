@@ -12,7 +12,8 @@ would render, with nbconvert instead:
    in a `<details>`, shown on a click) and their `#|` lines removed.
 3. MathJax 2 is copied from Debian's `libjs-mathjax` into `_site/mathjax/`, so the site needs no network.
 
-It also rewrites `nbs/sidebar.yml` (settings.ini has `custom_sidebar = True`), the parts Quarto shows.
+Run it from the repository root: `python -m tools.build_site`. It also rewrites `nbs/sidebar.yml`
+(settings.ini has `custom_sidebar = True`), the parts Quarto shows.
 `--sidebar-only` does just that. Failing chapters get an error page; the build then exits with status 1.
 """
 import argparse
@@ -28,6 +29,8 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+
+from tools.nbtools import front_matter, split_directives
 
 ROOT = Path(__file__).resolve().parent.parent
 NBS = ROOT / "nbs"
@@ -138,11 +141,6 @@ def run_proc_nbs(notebooks: list) -> dict:
     return errors
 
 
-# The README and the site read cell options and front matter with the same code.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_readme import _re_fm, split_directives  # noqa: E402
-
-
 _re_pandoc_link = re.compile(r"\[([^\]\n]+)\]\(([^)\s]+)\)\{([^}\n]*)\}")
 
 
@@ -171,15 +169,12 @@ def escape_dollars(text: str) -> str:
 
 def prepare_notebook(nb):
     "Front matter out of the notebook, Quarto cell options applied, directive lines removed. Returns (nb, fm)."
-    import yaml
     fm, cells = {}, []
     for cell in nb.cells:
         src = cell.get("source", "") or ""
-        if cell.cell_type == "raw":
-            m = _re_fm.match(src)
-            if m:
-                fm.update(yaml.safe_load(m.group(1)) or {})
-                continue
+        if cell.cell_type == "raw" and front_matter(src, "raw"):
+            fm.update(front_matter(src, "raw"))
+            continue
         if cell.cell_type == "markdown":
             cell.source = pandoc_links_to_html(escape_dollars(src))
             if not cell.source.strip():
@@ -517,13 +512,12 @@ def page_info(rel: Path, error: str = None) -> dict:
             "description": "", "href": output_name(rel).as_posix(), "has_images": False, "has_math": False,
             "error": error}
     if error is not None:  # title and summary from the source notebook's H1 and `>` line, as nbdev would
-        from nbdev.frontmatter import _md2dict
         try:
             cells = nbformat.read(NBS / rel, as_version=4).cells
         except Exception:  # not even valid JSON (being written?): the file name gives the title
             cells = []
         for cell in cells:
-            fm = _md2dict(cell.source) if cell.cell_type == "markdown" else {}
+            fm = front_matter(cell.source, cell.cell_type)
             if fm:
                 info["title"], info["description"] = fm["title"], fm.get("description", "")
                 break

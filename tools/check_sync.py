@@ -35,7 +35,7 @@ def main() -> int:
             failures.append(f"`{command}` changed {len(diff)} file(s) in {folder}/: " + ", ".join(diff[:20]))
     readme_tool = ROOT / "tools" / "make_readme.py"
     if readme_tool.exists():
-        result = subprocess.run([sys.executable, str(readme_tool), "--check"], cwd=ROOT)
+        result = subprocess.run([sys.executable, "-m", "tools.make_readme", "--check"], cwd=ROOT)
         if result.returncode != 0:
             failures.append("README.md is not the rendering of nbs/index.ipynb: run `make readme`")
     for failure in failures:

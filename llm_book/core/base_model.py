@@ -23,6 +23,9 @@ class BaseModel(nn.Module):
     "A decoder-only language model: one forward (embed → blocks → final norm → head); subclasses inject the parts."
     uses_learned_positions = False  # True: positions beyond max_position_embeddings are an error
     architecture = None             # the config's "architecture" this class builds (None: any)
+    hf_model_type = None            # 🤗 Transformers' `model_type` of the same model (chapter 40)
+    hf_class = None                 # the Transformers `*ForCausalLM` class name (chapter 40)
+    gguf_architecture = None        # llama.cpp's `general.architecture` we can read (chapter 41)
     residual_scale = False          # GPT-2's 1/sqrt(2L) initialization of the residual projections
 
     def __init__(self, config:dict, # a model config: a dict or a `ModelConfig` (chapter 07a)

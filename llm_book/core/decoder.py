@@ -4,38 +4,13 @@
 
 # %% ../../nbs/09b_decoder.ipynb #a5360c53
 from __future__ import annotations
-import torch
 from torch import nn
-import matplotlib.pyplot as plt
-from matplotlib.patches import FancyBboxPatch
 from .gelu import GELU
 from .feed_forward import FeedForward
 from .group_query_attention import GroupQueryAttention
 
 # %% auto #0
-__all__ = ['plot_block_diagram', 'Decoder']
-
-# %% ../../nbs/09b_decoder.ipynb #567d980b
-def plot_block_diagram(boxes:list, # (label, color) from bottom (input) to top (output)
-                       residuals:list=(), # (from_box, to_box) index pairs: a skip connection around boxes
-                       title:str="", # the figure title
-                       ax=None, # a matplotlib Axes to draw into (default: a new figure)
-                      ):
-    "Draw a decoder block as a vertical stack of boxes with arrows and residual connections."
-    if ax is None: _, ax = plt.subplots(figsize=(2.8, 0.55 * len(boxes) + 0.8), dpi=72)
-    height, gap = 0.6, 0.35
-    for i, (label, color) in enumerate(boxes):
-        y = i * (height + gap)
-        ax.add_patch(FancyBboxPatch((0, y), 2.4, height, boxstyle="round,pad=0.03", fc=color, ec="black", lw=0.8))
-        ax.text(1.2, y + height / 2, label, ha="center", va="center", fontsize=8)
-        if i: ax.annotate("", (1.2, y), (1.2, y - gap), arrowprops=dict(arrowstyle="->", lw=0.8))
-    for start, end in residuals:  # a line from below box `start` around to the ⊕ box `end`
-        y0, y1 = start * (height + gap) - gap / 2, end * (height + gap) + height / 2
-        ax.plot([1.2, 2.75, 2.75], [y0, y0, y1], color="gray", lw=0.8)
-        ax.annotate("", (2.4, y1), (2.75, y1), arrowprops=dict(arrowstyle="->", color="gray", lw=0.8))
-    ax.set_xlim(-0.2, 3.0); ax.set_ylim(-0.5, len(boxes) * (height + gap))
-    ax.set_title(title, fontsize=9); ax.axis("off")
-    return ax
+__all__ = ['Decoder']
 
 # %% ../../nbs/09b_decoder.ipynb #4d124bd6
 class Decoder(nn.Module):

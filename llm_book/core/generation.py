@@ -5,7 +5,7 @@
 # %% ../../nbs/09_generation.ipynb #9f2bfdea
 from __future__ import annotations
 import math
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 

@@ -19,7 +19,9 @@ __all__ = ['Gemma3']
 # %% ../../nbs/15b_gemma3.ipynb #0e72c37d
 class Gemma3(BaseModel):
     "Gemma 3 (text): local and global layers with their own RoPE bases, sandwich norms, GeGLU, QK-norm, √C-scaled embeddings."
-    architecture = "gemma3"
+    architecture = "gemma3"          # its name in configs and the registry (chapter 17)
+    hf_model_type = "gemma3_text"    # 🤗 config's `model_type`   # a text-only Gemma3TextConfig
+    hf_class = "Gemma3ForCausalLM"
 
     def __init__(self, config:dict, # a model config (dict or `ModelConfig`)
                 ):

@@ -13,7 +13,6 @@ from ..core.decoder import Decoder
 from ..core.feed_forward import FeedForward
 from ..core.gelu import GELU
 from ..core.positional_embeddings import PositionalEmbeddings
-from ..core.token_embeddings import TokenEmbeddings
 import llm_book.models.configs   # adds BaseModel.from_preset
 
 # %% auto #0
@@ -22,7 +21,9 @@ __all__ = ['GPT', 'GPT2']
 # %% ../../nbs/10_gpt.ipynb #8abdfe0e
 class GPT(BaseModel):
     "The original GPT: learned positions, post-LN `Decoder` blocks with the tanh GELU, output tied to the embeddings."
-    architecture = "gpt"
+    architecture = "gpt"             # its name in configs and the registry (chapter 17)
+    hf_model_type = "openai-gpt"     # 🤗 config's `model_type`
+    hf_class = "OpenAIGPTLMHeadModel"
     uses_learned_positions = True
     residual_scale = False   # GPT-2 scales the residual projections' initial weights by 1/sqrt(2L)
 
@@ -52,7 +53,9 @@ class GPT(BaseModel):
 # %% ../../nbs/10_gpt.ipynb #2a66845c
 class GPT2(GPT):
     "GPT-2: GPT with pre-LN blocks, a final LayerNorm, GELU (tanh) and residual projections initialized × 1/√(2L)."
-    architecture = "gpt2"
+    architecture = "gpt2"            # its name in configs and the registry (chapter 17)
+    hf_model_type = "gpt2"           # 🤗 config's `model_type`
+    hf_class = "GPT2LMHeadModel"
     residual_scale = True
 
     def make_layer(self):

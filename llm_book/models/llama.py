@@ -5,15 +5,12 @@
 # %% ../../nbs/11_llama.ipynb #6043feb8
 from __future__ import annotations
 from functools import partial
-import torch
-from torch import nn
 from ..core.base_model import BaseModel
 from ..core.cached_decoder import CachedDecoder
 from ..core.rms_norm import RMSNorm
 from ..core.rope import RoPE
 from ..core.rope_scaling import rope_scaling_from_config
 from ..core.swi_glu import SwiGLU
-from ..core.token_embeddings import TokenEmbeddings
 import llm_book.models.configs   # adds BaseModel.from_preset
 
 # %% auto #0
@@ -22,7 +19,10 @@ __all__ = ['Llama']
 # %% ../../nbs/11_llama.ipynb #bd975664
 class Llama(BaseModel):
     "LLaMA: token embeddings, pre-norm blocks with RMSNorm, RoPE, grouped-query attention and SwiGLU; KV cache."
-    architecture = "llama"
+    architecture = "llama"           # its name in configs and the registry (chapter 17)
+    hf_model_type = "llama"          # 🤗 config's `model_type`
+    hf_class = "LlamaForCausalLM"
+    gguf_architecture = "llama"       # llama.cpp's `general.architecture` (chapter 41)
 
     def make_positions(self):
         "No position vectors: one RoPE rotates q and k in every layer (its cos/sin computed once per forward)."

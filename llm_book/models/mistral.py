@@ -4,7 +4,7 @@
 
 # %% ../../nbs/12_mistral.ipynb #eae0264e
 from __future__ import annotations
-from ..core.kv_cache import KVCache, RollingKVCache
+from ..core.kv_cache import RollingKVCache
 from .llama import Llama
 
 # %% auto #0
@@ -13,7 +13,10 @@ __all__ = ['Mistral']
 # %% ../../nbs/12_mistral.ipynb #472e3df2
 class Mistral(Llama):
     "Mistral: LLaMA plus sliding-window attention (`window_size`) served by a rolling KV cache; nothing else changes."
-    architecture = "mistral"
+    architecture = "mistral"         # its name in configs and the registry (chapter 17)
+    hf_model_type = "mistral"        # 🤗 config's `model_type`
+    hf_class = "MistralForCausalLM"
+    gguf_architecture = None          # chapter 41 reads LLaMA GGUF files only
 
     def layer_kwargs(self) -> dict:
         "LLaMA's block, with the attention limited to the last `window_size` positions."

@@ -4,7 +4,6 @@
 
 # %% ../../nbs/16b_mixtral.ipynb #a2e3f9c0
 from __future__ import annotations
-import torch
 from ..core.config import ModelConfig
 from ..core.moe import SparseMoE, load_balancing_loss
 from .configs import count_parameters
@@ -16,7 +15,10 @@ __all__ = ['Mixtral', 'active_parameters']
 # %% ../../nbs/16b_mixtral.ipynb #ade2f1f0
 class Mixtral(Mistral):
     "Mixtral: Mistral whose feed-forward layers are sparse mixtures of SwiGLU experts; `aux_loss` after each forward."
-    architecture = "mixtral"
+    architecture = "mixtral"         # its name in configs and the registry (chapter 17)
+    hf_model_type = "mixtral"        # 🤗 config's `model_type`
+    hf_class = "MixtralForCausalLM"
+    gguf_architecture = None          # chapter 41 reads LLaMA GGUF files only
     aux_loss = None   # the load-balancing loss of the last forward (a scalar tensor)
 
     def layer_kwargs(self) -> dict:

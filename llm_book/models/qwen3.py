@@ -15,7 +15,10 @@ __all__ = ['Qwen3']
 # %% ../../nbs/14b_qwen3.ipynb #99e12220
 class Qwen3(Llama):
     "Qwen3: LLaMA with QK-norm (RMSNorm on each head's queries and keys before RoPE); `bias` is the attention's only."
-    architecture = "qwen3"
+    architecture = "qwen3"           # its name in configs and the registry (chapter 17)
+    hf_model_type = "qwen3"          # 🤗 config's `model_type`
+    hf_class = "Qwen3ForCausalLM"
+    gguf_architecture = None          # chapter 41 reads LLaMA GGUF files only
 
     def layer_kwargs(self) -> dict:
         "LLaMA's block with a QK-norm in the attention (and, with `bias`, a SwiGLU that still has none)."
