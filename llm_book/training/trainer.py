@@ -6,10 +6,8 @@
 __all__ = ['CHECKPOINT_FORMAT', 'IGNORE_INDEX', 'LOG_FIELDS', 'TrainerConfig', 'user_file_mode', 'atomic_save_safetensors',
            'tensor_checksum', 'metadata_checksum', 'with_checksums', 'non_finite_tensors', 'verify_checksums',
            'read_checkpoint', 'checkpoint_field', 'model_state_tensors', 'load_model_weights', 'rank_and_world_size',
-           'resolve_device', 'Trainer', 'next_batch', 'data_state', 'load_data_state', 'NonFiniteLossError', 'autocast',
-           'no_gradient_sync', 'compute_loss', 'train_step', 'evaluate', 'save_checkpoint', 'load_checkpoint',
-           'read_log', 'write_csv', 'log', 'plot_losses', 'fit', 'training_flops_per_token', 'measure_matmul_flops',
-           'peak_memory_mb']
+           'resolve_device', 'Trainer', 'NonFiniteLossError', 'compute_loss', 'read_log', 'write_csv', 'plot_losses',
+           'training_flops_per_token', 'measure_matmul_flops', 'peak_memory_mb']
 
 # %% ../../nbs/34_trainer.ipynb #5dcd7938
 import contextlib
@@ -23,10 +21,11 @@ import time
 from collections.abc import Mapping
 import warnings
 import zlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from fastcore.basics import patch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -281,6 +280,7 @@ class Trainer:
     log_path = property(lambda self: None if self.out_dir is None else self.out_dir / "log.jsonl")
 
 # %% ../../nbs/34_trainer.ipynb #bfef297d
+@patch
 def _init_data(self:Trainer):
     "Check the training data and set the data position to the start."
     config = self.config
@@ -300,6 +300,7 @@ def _collate(dataset, indices) -> tuple[torch.Tensor, torch.Tensor]:
     inputs, targets = default_collate([dataset[i][:2] for i in indices.tolist()])
     return inputs, targets
 
+@patch
 def next_batch(self:Trainer) -> tuple[torch.Tensor, torch.Tensor]:
     "The next training batch of this process, advancing the data position."
     config = self.config
@@ -327,11 +328,13 @@ def next_batch(self:Trainer) -> tuple[torch.Tensor, torch.Tensor]:
     self.data_position += self.global_batch_size
     return _collate(self.train_data, indices)
 
+@patch
 def data_state(self:Trainer) -> dict:
     "This process's position in the training data."
     if self.streaming: return {"stream": self.train_data.state_dict()}
     return {"epoch": self.data_epoch, "position": self.data_position}
 
+@patch
 def load_data_state(self:Trainer, state:dict):
     "Continue the data where `data_state` was taken."
     if self.streaming:
@@ -341,18 +344,18 @@ def load_data_state(self:Trainer, state:dict):
         if "epoch" not in state: raise ValueError("the checkpoint's data position is for a stream, not a map-style dataset")
         self.data_epoch, self.data_position, self._permutation = state["epoch"], state["position"], None
 
-Trainer._init_data, Trainer.next_batch, Trainer.data_state, Trainer.load_data_state = _init_data, next_batch, data_state, load_data_state
-
 # %% ../../nbs/34_trainer.ipynb #b0da582c
 class NonFiniteLossError(RuntimeError):
     "The training loss (or its gradient) became NaN or infinite."
 
+@patch
 def autocast(self:Trainer):
     "bf16 autocast when mixed precision is on, else a no-op context."
     mode = self.config.mixed_precision
     enabled = mode == "bf16" or (mode == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
     return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
+@patch
 @contextlib.contextmanager
 def no_gradient_sync(self:Trainer):
     "Accumulate this micro-batch's gradients locally (not the step's last): DDP's `no_sync`, FSDP2's `set_requires_gradient_sync`."
@@ -376,6 +379,7 @@ def compute_loss(model:nn.Module, inputs:torch.Tensor, targets:torch.Tensor) -> 
         loss = loss + model.config.router_aux_loss_coef * model.aux_loss
     return loss
 
+@patch
 def train_step(self:Trainer) -> dict:
     "One optimizer step over `grad_accum_steps` micro-batches; returns the step's log row."
     config, started = self.config, time.perf_counter()
@@ -418,9 +422,8 @@ def train_step(self:Trainer) -> dict:
     return {"step": self.step, "split": "train", "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
             "tokens": self.tokens_seen, "ms_per_step": elapsed_ms}
 
-Trainer.autocast, Trainer.no_gradient_sync, Trainer.train_step = autocast, no_gradient_sync, train_step
-
 # %% ../../nbs/34_trainer.ipynb #2e0fbb81
+@patch
 def _eval_batches(self:Trainer, data, num_batches:int):
     "`num_batches` fixed batches of `data` for this process."
     batch_size = self.config.batch_size
@@ -435,6 +438,7 @@ def _eval_batches(self:Trainer, data, num_batches:int):
         indices = order[start : start + global_batch][self.rank * batch_size : (self.rank + 1) * batch_size]
         if len(indices): yield _collate(data, indices)
 
+@patch
 @torch.no_grad()
 def evaluate(self:Trainer, data=None, # None: the trainer's `val_data`
              num_batches:int|None=None, # None: `config.eval_batches`
@@ -456,9 +460,8 @@ def evaluate(self:Trainer, data=None, # None: the trainer's `val_data`
     loss = (sums[0] / sums[1]).item()
     return {"step": self.step, "split": "val", "loss": loss, "perplexity": math.exp(loss)}
 
-Trainer._eval_batches, Trainer.evaluate = _eval_batches, evaluate
-
 # %% ../../nbs/34_trainer.ipynb #9b51aea4
+@patch
 def _gather(self:Trainer, obj) -> list:
     "`obj` from every rank, in rank order."
     if self.world_size == 1: return [obj]
@@ -466,6 +469,7 @@ def _gather(self:Trainer, obj) -> list:
     dist.all_gather_object(out, obj)
     return out
 
+@patch
 def save_checkpoint(self:Trainer, path:str|Path|None=None, # None: `out_dir/checkpoint.safetensors`
                    ) -> Path:
     "Write the complete training state atomically (rank 0 writes; every rank must call it)."
@@ -499,6 +503,7 @@ def save_checkpoint(self:Trainer, path:str|Path|None=None, # None: `out_dir/chec
     self.last_checkpoint = path
     return path
 
+@patch
 def _check_resumable(self:Trainer, path:Path, world_size:int, trainer_config:dict):
     "Allow resuming with another number of processes when the data order continues: a map-style dataset and the same global batch."
     saved = f"checkpoint {str(path)!r} was written by {world_size} process(es)"
@@ -515,6 +520,7 @@ def _check_resumable(self:Trainer, path:Path, world_size:int, trainer_config:dic
                          f"{self.world_size} x {self.config.batch_size} = {self.global_batch_size}. Resume with the same global batch so "
                          f"the data order continues: {fix}")
 
+@patch
 def load_checkpoint(self:Trainer, path:str|Path|None=None, # None: `out_dir/checkpoint.safetensors`
                    ):
     "Restore weights, optimizer, scheduler, RNG and data position from a checkpoint."
@@ -556,9 +562,6 @@ def load_checkpoint(self:Trainer, path:str|Path|None=None, # None: `out_dir/chec
     self.last_checkpoint = path
     self._restore_log()
 
-Trainer._gather, Trainer.save_checkpoint, Trainer.load_checkpoint = _gather, save_checkpoint, load_checkpoint
-Trainer._check_resumable = _check_resumable
-
 # %% ../../nbs/34_trainer.ipynb #4144fc38
 LOG_FIELDS = ["step", "split", "loss", "perplexity", "lr", "grad_norm", "tokens", "ms_per_step"]
 
@@ -573,6 +576,7 @@ def write_csv(rows:list[dict], path:str|Path) -> Path:
         writer.writeheader(); writer.writerows(rows)
     return Path(path)
 
+@patch
 def log(self:Trainer, row:dict):
     "Record a row in `history` and, on rank 0, append it to the log file."
     self.history.append(row)
@@ -581,6 +585,7 @@ def log(self:Trainer, row:dict):
         with open(self.log_path, "a") as f: f.write(json.dumps(row) + "\n")
     if self.on_log is not None: self.on_log(row)
 
+@patch
 def _restore_log(self:Trainer):
     "After loading a checkpoint: keep the log rows up to its step, and make them the history."
     if self.log_path is None or not self.log_path.exists(): return
@@ -601,9 +606,8 @@ def plot_losses(rows:list[dict], # log rows (`Trainer.history` or `read_log(path
     ax.figure.tight_layout()   # keep the axis labels inside the saved image
     return ax.figure
 
-Trainer.log, Trainer._restore_log = log, _restore_log
-
 # %% ../../nbs/34_trainer.ipynb #2e963e42
+@patch
 def fit(self:Trainer, max_steps:int|None=None, # stop at this step (default and upper bound: `config.max_steps`)
        ) -> list[dict]:
     "Train until `max_steps`; returns the history of log rows."
@@ -629,8 +633,6 @@ def fit(self:Trainer, max_steps:int|None=None, # stop at this step (default and 
     if self.out_dir is not None and saved_at != self.step: self.save_checkpoint()
     bar.close()
     return self.history
-
-Trainer.fit = fit
 
 # %% ../../nbs/34_trainer.ipynb #ce8ca9ab
 def training_flops_per_token(num_params:int, # parameters in the matrix multiplications (exclude position tables)
