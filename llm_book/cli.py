@@ -318,8 +318,8 @@ finite_positive = checked_type(float, lambda v: math.isfinite(v) and v > 0, "a f
 probability = checked_type(float, lambda v: 0 < v <= 1, "a number in (0, 1]")   # NaN fails both comparisons
 
 def device_name(text:str) -> str:
-    "An argparse `type` for `--device`: a device that exists on this machine (`training.trainer.resolve_device`)."
-    from llm_book.training.trainer import resolve_device
+    "An argparse `type` for `--device`: a device that exists on this machine (`training.distributed.resolve_device`)."
+    from llm_book.training.distributed import resolve_device
     try: resolve_device(text)
     except ValueError as e: raise argparse.ArgumentTypeError(str(e)) from None
     return text

@@ -6,7 +6,8 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from llm_book.training.distributed import DDP_CHECK_SCRIPT, child_env, launch
+from llm_book.teaching.distributed_check import DDP_CHECK_SCRIPT
+from llm_book.training.distributed import child_env, launch
 
 
 def test_torchrun_two_processes_match_single_process(tmp_path):
@@ -50,7 +51,8 @@ import time
 import pytest
 
 from llm_book.cli import main as cli_main
-from llm_book.training.distributed import FSDP_CHECK_SCRIPT, free_port, multinode_command, setup_distributed, tiny_trainer
+from llm_book.teaching.distributed_check import FSDP_CHECK_SCRIPT, tiny_trainer
+from llm_book.training.distributed import free_port, multinode_command, setup_distributed
 from llm_book.training.trainer import read_checkpoint, read_log
 
 
@@ -158,7 +160,8 @@ def test_a_rank_without_its_rendezvous_gets_a_clear_error_within_the_timeout(tmp
 
 RANK_FAILURE_SCRIPT = """
 import os, sys, time
-from llm_book.training.distributed import setup_distributed, tiny_trainer
+from llm_book.teaching.distributed_check import tiny_trainer
+from llm_book.training.distributed import setup_distributed
 info = setup_distributed()
 trainer = tiny_trainer(None, 4, steps=50, fsdp=True)
 for step in range(50):

@@ -13,10 +13,10 @@ from typing import Iterator
 import numpy as np
 import torch
 from fastcore.basics import patch
-import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .text_dataset import load_token_ids
+from ..training.distributed import rank_and_world_size
 
 # %% ../../nbs/31_streaming_text_dataset.ipynb #29b7db3b
 def shard_info(rank:int|None=None, # this process's distributed rank; None: from torch.distributed (or 0)
@@ -24,10 +24,7 @@ def shard_info(rank:int|None=None, # this process's distributed rank; None: from
                worker_offset:int=0, # rotate worker ids by this much (used when resuming)
               ) -> tuple[int, int]:
     "`(shard_id, num_shards)` of the calling process: one shard per (rank, DataLoader worker)."
-    if rank is None or world_size is None:
-        initialized = dist.is_available() and dist.is_initialized()
-        rank = dist.get_rank() if initialized else 0
-        world_size = dist.get_world_size() if initialized else 1
+    if rank is None or world_size is None: rank, world_size = rank_and_world_size()   # one lookup, in training.distributed
     if not 0 <= rank < world_size: raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     worker = get_worker_info()
     worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)

@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'IGNORE_INDEX', 'LOG_FIELDS', 'TrainerConfig', 'user_file_mode', 'atomic_save_safetensors',
            'tensor_checksum', 'metadata_checksum', 'with_checksums', 'non_finite_tensors', 'verify_checksums',
-           'read_checkpoint', 'checkpoint_field', 'model_state_tensors', 'load_model_weights', 'rank_and_world_size',
-           'resolve_device', 'Trainer', 'NonFiniteLossError', 'compute_loss', 'read_log', 'write_csv', 'plot_losses',
-           'training_flops_per_token', 'measure_matmul_flops', 'peak_memory_mb']
+           'read_checkpoint', 'checkpoint_field', 'model_state_tensors', 'load_model_weights', 'Trainer',
+           'NonFiniteLossError', 'compute_loss', 'read_log', 'write_csv', 'plot_losses', 'training_flops_per_token',
+           'measure_matmul_flops', 'peak_memory_mb']
 
 # %% ../../nbs/34_trainer.ipynb #5dcd7938
 import contextlib
@@ -38,6 +38,7 @@ from torch.utils.data._utils.collate import default_collate
 from tqdm import tqdm
 
 from ..tokenizers.base_tokenizer import current_umask   # one umask reader for every file the book writes
+from .distributed import rank_and_world_size, resolve_device   # one rank/device lookup (chapter 35)
 from .optimizer import configure_optimizer
 from .scheduler import get_scheduler
 
@@ -211,29 +212,6 @@ def load_model_weights(model:nn.Module, # the model to fill
             state[name] = distribute_tensor(state[name].to(target.device), target.device_mesh, target.placements, src_data_rank=None)
     model.load_state_dict(state)
     return metadata
-
-# %% ../../nbs/34_trainer.ipynb #b211cd50
-def rank_and_world_size() -> tuple[int, int]:
-    "This process's rank and the number of processes (0 and 1 outside `torch.distributed`)."
-    if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-def resolve_device(device:str|torch.device|None=None, # None: this rank's GPU if there is one, else the CPU
-                  ) -> torch.device:
-    "The `torch.device` for `device`, with a clear error for a name torch does not know or a device this machine lacks."
-    if device is None: return torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-    try: resolved = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device {device!r} is not a device name; expected 'cpu', 'cuda', 'cuda:N' or 'mps'") from e
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available(): raise ValueError(f"device {str(device)!r} needs CUDA, which this machine does not have; use 'cpu'")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(device)!r} does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif resolved.type == "mps":
-        if not torch.backends.mps.is_available(): raise ValueError(f"device {str(device)!r} needs Apple's MPS, which this machine does not have; use 'cpu'")
-    elif resolved.type != "cpu":
-        raise ValueError(f"device {str(device)!r} is not supported; expected 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    return resolved
 
 # %% ../../nbs/34_trainer.ipynb #77c784b3
 class Trainer:
