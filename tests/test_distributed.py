@@ -53,7 +53,8 @@ import pytest
 from llm_book.cli import main as cli_main
 from llm_book.teaching.distributed_check import FSDP_CHECK_SCRIPT, tiny_trainer
 from llm_book.training.distributed import free_port, multinode_command, setup_distributed
-from llm_book.training.trainer import read_checkpoint, read_log
+from llm_book.training.checkpoint import read_checkpoint
+from llm_book.training.trainer import read_log
 
 
 def model_weights(path):
@@ -205,7 +206,7 @@ def test_fsdp_trainer_needs_a_process_group():
 
 
 def test_a_checkpoint_from_another_world_size_resumes_only_with_the_same_global_batch(tmp_path):
-    from llm_book.training.trainer import atomic_save_safetensors, with_checksums
+    from llm_book.training.checkpoint import atomic_save_safetensors, with_checksums
     tiny_trainer(tmp_path / "run", 8, steps=4).fit(2)
     path = tmp_path / "run" / "checkpoint.safetensors"
     tensors, metadata = read_checkpoint(path)   # as if 2 processes x batch 4 had written it (the same global batch of 8)
