@@ -14,7 +14,7 @@ import pytest
 
 from llm_book.cli import main
 from llm_book.training.checkpoint import read_checkpoint
-from llm_book.training.trainer import read_log
+from llm_book.training.metrics import read_log
 
 SCRIPT = Path(sys.executable).parent / "llm_book"
 ROOT = Path(__file__).resolve().parent.parent

@@ -54,7 +54,7 @@ from llm_book.cli import main as cli_main
 from llm_book.teaching.distributed_check import FSDP_CHECK_SCRIPT, tiny_trainer
 from llm_book.training.distributed import free_port, multinode_command, setup_distributed
 from llm_book.training.checkpoint import read_checkpoint
-from llm_book.training.trainer import read_log
+from llm_book.training.metrics import read_log
 
 
 def model_weights(path):
