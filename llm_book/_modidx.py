@@ -875,4 +875,6 @@ d = { 'settings': { 'branch': 'main',
                                                                                                       'llm_book/training/trainer.py'),
                                            'llm_book.training.trainer._collate': ('trainer.html#_collate', 'llm_book/training/trainer.py'),
                                            'llm_book.training.trainer.compute_loss': ( 'trainer.html#compute_loss',
-                                                                                       'llm_book/training/trainer.py')}}}
+                                                                                       'llm_book/training/trainer.py'),
+                                           'llm_book.training.trainer.refuse_existing_run': ( 'trainer.html#refuse_existing_run',
+                                                                                              'llm_book/training/trainer.py')}}}

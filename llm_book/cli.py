@@ -110,9 +110,9 @@ def check_run_directory(out:Path, # the --out directory
         for name in ("model_config.json", "tokenizer.json"):
             if not (out / name).is_file():
                 raise ValueError(f"--resume: {str(out / name)!r} is missing; a run directory needs the {name} that `llm_book train` wrote")
-    elif existing and not overwrite:
-        raise ValueError(f"--out {str(out)!r} already holds a run ({', '.join(existing)}); "
-                         "pass --resume to continue it or --overwrite to replace it")
+    elif not overwrite:   # the trainer's own check, with the CLI's ways out
+        from llm_book.training.trainer import refuse_existing_run
+        refuse_existing_run(out, RUN_FILES, "--out", "pass --resume to continue it or --overwrite to replace it")
     return existing
 
 def read_json_file(path:Path, what:str) -> dict:
@@ -418,10 +418,14 @@ def main(argv:list[str]|None=None, # the arguments (default: sys.argv[1:])
         args = argparse.Namespace(command="chat", chat_args=argv[1:], func=chat_command)
     else: args = build_parser().parse_args(argv)
     try: return args.func(args)
-    except (ValueError, OSError, ModuleNotFoundError) as e:   # bad input, files, a missing optional package: one line, no traceback
+    except Exception as e:
+        from llm_book.training.trainer import NonFiniteLossError   # imported only on failure
+        if isinstance(e, (ValueError, OSError, ModuleNotFoundError)): code = 2   # bad input, files, a missing optional package
+        elif isinstance(e, NonFiniteLossError): code = 1   # the run diverged: say so in one line, not a traceback
+        else: raise
         message = " ".join(str(e).split("\n"))
         print(f"llm_book {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        return code
 
 # %% ../nbs/36_cli.ipynb #f01f08c6
 #| eval: false

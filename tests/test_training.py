@@ -430,3 +430,15 @@ def test_non_finite_optimizer_state_is_never_saved(corpus, tmp_path):
     with pytest.raises(ValueError, match=r"the training state holds non-finite values at step 2: tensor 'optimizer\.\d+\.exp_avg_sq' \(0 NaN, 1 infinite"):
         trainer.save_checkpoint()
     assert (tmp_path / "checkpoint.safetensors").read_bytes() == good
+
+
+def test_new_run_refuses_to_overwrite_an_existing_checkpoint(corpus, tmp_path):
+    first = run(corpus, tmp_path, max_steps=4)
+    before = (tmp_path / "checkpoint.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"out_dir '.*' already holds a run \(checkpoint.safetensors\); "
+                                         r"pass resume=True to continue it, or use a new or empty out_dir"):
+        run(corpus, tmp_path, max_steps=4)
+    assert (tmp_path / "checkpoint.safetensors").read_bytes() == before   # untouched
+    resumed = run(corpus, tmp_path, resume=True, max_steps=4)   # the first way out
+    assert resumed.step == first.step == 4
+    assert run(corpus, tmp_path / "new", max_steps=2).step == 2   # the second: a new directory
