@@ -146,8 +146,8 @@ def train_command(args) -> int:
     "`llm_book train`: train a model on a text file."
     import torch
     from llm_book.tokenizers.base_tokenizer import BaseTokenizer
-    from llm_book.training.distributed import cleanup_distributed, setup_distributed
-    from llm_book.training.trainer import Trainer, rank_and_world_size
+    from llm_book.training.distributed import cleanup_distributed, rank_and_world_size, setup_distributed
+    from llm_book.training.trainer import Trainer
     batch_size = distributed_batch_size(args)   # checks --fsdp, --global-batch-size against torchrun's environment
     setup_distributed(timeout=args.dist_timeout)   # joins torchrun's process group (a no-op without torchrun)
     out = Path(args.out)
@@ -194,7 +194,7 @@ def load_run(run:str|Path, # a directory written by `llm_book train`
             ):
     "`(model, tokenizer)` of a training run directory."
     from llm_book.tokenizers.base_tokenizer import BaseTokenizer
-    from llm_book.training.trainer import checkpoint_field, load_model_weights, read_checkpoint
+    from llm_book.training.checkpoint import checkpoint_field, load_model_weights, read_checkpoint
     run = Path(run)
     path = run / "checkpoint.safetensors"
     if not path.is_file(): raise ValueError(f"run {str(run)!r} has no checkpoint.safetensors")
