@@ -67,8 +67,8 @@ def build_tokenizer(spec:str, # 'char', 'bpe', or the path of a saved tokenizer 
 # %% ../nbs/36_cli.ipynb #93ff97eb
 def save_loss_plot(rows:list[dict], path:str|Path, title:str):
     "Save the loss curves of `rows` as a PNG (and close the figure, so notebooks don't show it twice)."
-    import matplotlib.pyplot as plt
-    from llm_book.training.trainer import plot_losses
+    import matplotlib.pyplot as plt   # only when a plot is asked for
+    from llm_book.teaching.plots import plot_losses   # the one loss-curve function (chapter 34c)
     figure = plot_losses(rows, title=title)
     figure.savefig(path)
     plt.close(figure)
@@ -103,9 +103,9 @@ def check_run_directory(out:Path, # the --out directory
         for name in ("model_config.json", "tokenizer.json"):
             if not (out / name).is_file():
                 raise ValueError(f"--resume: {str(out / name)!r} is missing; a run directory needs the {name} that `llm_book train` wrote")
-    elif existing and not overwrite:
-        raise ValueError(f"--out {str(out)!r} already holds a run ({', '.join(existing)}); "
-                         "pass --resume to continue it or --overwrite to replace it")
+    elif not overwrite:   # the trainer's own check, with the CLI's ways out
+        from llm_book.training.trainer import refuse_existing_run
+        refuse_existing_run(out, RUN_FILES, "--out", "pass --resume to continue it or --overwrite to replace it")
     return existing
 
 def read_json_file(path:Path, what:str) -> dict:
@@ -139,8 +139,8 @@ def train_command(args) -> int:
     "`llm_book train`: train a model on a text file."
     import torch
     from llm_book.tokenizers.base_tokenizer import BaseTokenizer
-    from llm_book.training.distributed import cleanup_distributed, setup_distributed
-    from llm_book.training.trainer import Trainer, rank_and_world_size
+    from llm_book.training.distributed import cleanup_distributed, rank_and_world_size, setup_distributed
+    from llm_book.training.trainer import Trainer
     batch_size = distributed_batch_size(args)   # checks --fsdp, --global-batch-size against torchrun's environment
     setup_distributed(timeout=args.dist_timeout)   # joins torchrun's process group (a no-op without torchrun)
     out = Path(args.out)
@@ -187,7 +187,7 @@ def load_run(run:str|Path, # a directory written by `llm_book train`
             ):
     "`(model, tokenizer)` of a training run directory."
     from llm_book.tokenizers.base_tokenizer import BaseTokenizer
-    from llm_book.training.trainer import checkpoint_field, load_model_weights, read_checkpoint
+    from llm_book.training.checkpoint import checkpoint_field, load_model_weights, read_checkpoint
     run = Path(run)
     path = run / "checkpoint.safetensors"
     if not path.is_file(): raise ValueError(f"run {str(run)!r} has no checkpoint.safetensors")
@@ -311,8 +311,8 @@ finite_positive = checked_type(float, lambda v: math.isfinite(v) and v > 0, "a f
 probability = checked_type(float, lambda v: 0 < v <= 1, "a number in (0, 1]")   # NaN fails both comparisons
 
 def device_name(text:str) -> str:
-    "An argparse `type` for `--device`: a device that exists on this machine (`training.trainer.resolve_device`)."
-    from llm_book.training.trainer import resolve_device
+    "An argparse `type` for `--device`: a device that exists on this machine (`training.distributed.resolve_device`)."
+    from llm_book.training.distributed import resolve_device
     try: resolve_device(text)
     except ValueError as e: raise argparse.ArgumentTypeError(str(e)) from None
     return text
@@ -411,10 +411,14 @@ def main(argv:list[str]|None=None, # the arguments (default: sys.argv[1:])
         args = argparse.Namespace(command="chat", chat_args=argv[1:], func=chat_command)
     else: args = build_parser().parse_args(argv)
     try: return args.func(args)
-    except (ValueError, OSError, ModuleNotFoundError) as e:   # bad input, files, a missing optional package: one line, no traceback
+    except Exception as e:
+        from llm_book.training.trainer import NonFiniteLossError   # imported only on failure
+        if isinstance(e, (ValueError, OSError, ModuleNotFoundError)): code = 2   # bad input, files, a missing optional package
+        elif isinstance(e, NonFiniteLossError): code = 1   # the run diverged: say so in one line, not a traceback
+        else: raise
         message = " ".join(str(e).split("\n"))
         print(f"llm_book {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        return code
 
 # %% ../nbs/36_cli.ipynb #f01f08c6
 #| eval: false

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from .core.rope import interleaved_to_half_split
-from .hf import check_state_dict, load_state_dict_strict
+from .hf import load_state_dict_strict
+from .training.checkpoint import check_state_dict
 from .models.llama import Llama
 from .models.registry import gguf_model_class, model_class
 from .tokenizers.bpe_tokenizer import BPETokenizer

@@ -14,12 +14,13 @@ from .core.config import ModelConfig
 from .core.gelu import GELU
 from .models.registry import REGISTRY, architecture_of, model_class
 from .core.rope_scaling import check_rope_scaling
-from .tokenizers.base_tokenizer import BaseTokenizer, current_umask
+from .tokenizers.base_tokenizer import BaseTokenizer
+from .training.checkpoint import _misfit, check_state_dict, user_file_mode   # one name/shape check, one file mode (chapter 34a)
 
 # %% auto #0
-__all__ = ['ARCHITECTURES', 'unsupported_hf_settings', 'config_from_hf', 'config_to_hf', 'hf_name_table', 'check_state_dict',
-           'state_dict_from_hf', 'state_dict_to_hf', 'load_state_dict_strict', 'from_hf', 'to_hf', 'save_hf',
-           'logits_max_diff', 'HFTokenizer']
+__all__ = ['ARCHITECTURES', 'unsupported_hf_settings', 'config_from_hf', 'config_to_hf', 'hf_name_table', 'state_dict_from_hf',
+           'state_dict_to_hf', 'load_state_dict_strict', 'from_hf', 'to_hf', 'save_hf', 'logits_max_diff',
+           'HFTokenizer']
 
 # %% ../nbs/40_hf.ipynb #66b6cd14
 # llm_book architecture name -> (our model class, 🤗 model_type), read from the registry (chapter 17)
@@ -334,24 +335,6 @@ def hf_name_table(arch: str, # `gpt`, `gpt2`, `llama`, `mistral`, `mixtral` or `
 # 🤗 buffers that are not weights (older Transformers versions kept these in the state dict)
 _HF_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
-def _misfit(missing: list, unexpected: list, misshaped: list) -> str:
-    "'missing (n): a, b; unexpected (m): ...; mis-shaped (k): ...' for the non-empty lists ('' when all are empty)."
-    return "; ".join(f"{label} ({len(names)}): {', '.join(names)}" for label, names in
-                     [("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)] if names)
-
-def check_state_dict(state_dict: dict, # the tensors we are about to load
-                     expected: dict, # name -> tensor (or shape) that the receiving model has
-                     what: str="state_dict", # how to call the source in the error
-                    ):
-    "Raise one `ValueError` listing every missing, unexpected and mis-shaped tensor of `state_dict`."
-    shape = lambda v: tuple(v.shape) if hasattr(v, "shape") else tuple(v)
-    missing = [n for n in expected if n not in state_dict]
-    unexpected = [n for n in state_dict if n not in expected]
-    misshaped = [f"{n}: got {shape(state_dict[n])}, expected {shape(expected[n])}"
-                 for n in expected if n in state_dict and shape(state_dict[n]) != shape(expected[n])]
-    problems = _misfit(missing, unexpected, misshaped)
-    if problems: raise ValueError(f"{what} does not fit the model; {problems}")
-
 # %% ../nbs/40_hf.ipynb #89690997
 _STACKED_EXPERTS = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")   # Transformers' Mixtral: (E, rows, cols)
 
@@ -501,7 +484,7 @@ def save_hf(model: nn.Module, # an llm_book GPT, GPT2, Llama or Mistral
     path = Path(path)
     to_hf(model, **config_overrides).save_pretrained(path, safe_serialization=True)
     # safetensors creates its files with mode 0600 whatever the umask: give them the mode any other new file gets
-    for weights in path.glob("model*.safetensors"): weights.chmod(0o666 & ~current_umask())   # model.safetensors or its shards
+    for weights in path.glob("model*.safetensors"): weights.chmod(user_file_mode())   # model.safetensors or its shards
     return path
 
 # %% ../nbs/40_hf.ipynb #888e63c6

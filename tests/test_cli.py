@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from llm_book.cli import main
-from llm_book.training.trainer import read_checkpoint, read_log
+from llm_book.training.checkpoint import read_checkpoint
+from llm_book.training.metrics import read_log
 
 SCRIPT = Path(sys.executable).parent / "llm_book"
 ROOT = Path(__file__).resolve().parent.parent
@@ -330,3 +331,20 @@ def test_run_files_follow_the_umask(corpus, tmp_path):
     assert result.returncode == 0, result.stderr
     for name in ("checkpoint.safetensors", "log.jsonl", "loss.png", "model_config.json", "tokenizer.json"):
         assert oct((run / name).stat().st_mode & 0o777) == oct(0o644), name
+
+
+def test_diverging_run_ends_with_one_line_error(corpus, tmp_path):
+    code, _, err = run_main("train", "--data", corpus, "--out", tmp_path / "nan", *TINY, "--steps", "30", "--lr", "1e6",
+                            "--warmup-steps", "0", "--eval-interval", "0")
+    assert code == 1, err
+    assert err.startswith("llm_book train: error: ") and ("loss is" in err or "gradient norm is" in err), err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_new_run_without_overwrite_keeps_the_old_checkpoint(corpus, tmp_path):
+    run = tmp_path / "run"
+    assert run_main("train", "--data", corpus, "--out", run, *TINY, "--steps", "2")[0] == 0
+    before = (run / "checkpoint.safetensors").read_bytes()
+    code, _, err = run_main("train", "--data", corpus, "--out", run, *TINY, "--steps", "2")
+    assert code == 2 and "already holds a run" in err and "pass --resume to continue it or --overwrite to replace it" in err
+    assert (run / "checkpoint.safetensors").read_bytes() == before

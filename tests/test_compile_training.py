@@ -1,6 +1,7 @@
 """`llm_book train --compile`: torch.compile'd training gives eager's losses and weights on a tiny model (CPU, inductor)."""
 from llm_book.cli import main
-from llm_book.training.trainer import read_checkpoint, read_log
+from llm_book.training.checkpoint import read_checkpoint
+from llm_book.training.metrics import read_log
 
 TRAIN = ["train", "--model", "gpt2-tiny", "--embed-dim", "32", "--num-layers", "1", "--num-heads", "2",
          "--hidden-dim", "64", "--dropout", "0", "--block-size", "16", "--steps", "4", "--batch-size", "4", "--eval-interval", "4",

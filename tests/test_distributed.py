@@ -6,7 +6,8 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from llm_book.training.distributed import DDP_CHECK_SCRIPT, child_env, launch
+from llm_book.teaching.distributed_check import DDP_CHECK_SCRIPT
+from llm_book.training.distributed import child_env, launch
 
 
 def test_torchrun_two_processes_match_single_process(tmp_path):
@@ -50,8 +51,10 @@ import time
 import pytest
 
 from llm_book.cli import main as cli_main
-from llm_book.training.distributed import FSDP_CHECK_SCRIPT, free_port, multinode_command, setup_distributed, tiny_trainer
-from llm_book.training.trainer import read_checkpoint, read_log
+from llm_book.teaching.distributed_check import FSDP_CHECK_SCRIPT, tiny_trainer
+from llm_book.training.distributed import free_port, multinode_command, setup_distributed
+from llm_book.training.checkpoint import read_checkpoint
+from llm_book.training.metrics import read_log
 
 
 def model_weights(path):
@@ -158,7 +161,8 @@ def test_a_rank_without_its_rendezvous_gets_a_clear_error_within_the_timeout(tmp
 
 RANK_FAILURE_SCRIPT = """
 import os, sys, time
-from llm_book.training.distributed import setup_distributed, tiny_trainer
+from llm_book.teaching.distributed_check import tiny_trainer
+from llm_book.training.distributed import setup_distributed
 info = setup_distributed()
 trainer = tiny_trainer(None, 4, steps=50, fsdp=True)
 for step in range(50):
@@ -202,7 +206,7 @@ def test_fsdp_trainer_needs_a_process_group():
 
 
 def test_a_checkpoint_from_another_world_size_resumes_only_with_the_same_global_batch(tmp_path):
-    from llm_book.training.trainer import atomic_save_safetensors, with_checksums
+    from llm_book.training.checkpoint import atomic_save_safetensors, with_checksums
     tiny_trainer(tmp_path / "run", 8, steps=4).fit(2)
     path = tmp_path / "run" / "checkpoint.safetensors"
     tensors, metadata = read_checkpoint(path)   # as if 2 processes x batch 4 had written it (the same global batch of 8)

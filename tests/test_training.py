@@ -14,11 +14,14 @@ from torch.utils.data import DataLoader
 from llm_book.datasets.streaming_text_dataset import StreamingTextDataset
 from llm_book.datasets.text_dataset import TextDataset, read_text_file, save_token_ids, train_val_split
 from llm_book.tokenizers.char_tokenizer import CharTokenizer
-from llm_book.training import trainer as trainer_module
+from llm_book.training import checkpoint as checkpoint_module
 from llm_book.training.optimizer import configure_optimizer, split_decay_parameters
 from llm_book.training.scheduler import cosine_schedule, get_scheduler
 from checkpoint_files import rewrite_checkpoint, tensor_byte_range
-from llm_book.training.trainer import NonFiniteLossError, Trainer, load_model_weights, read_checkpoint, read_log, write_csv
+from llm_book.teaching.plots import plot_losses
+from llm_book.training.checkpoint import load_model_weights, read_checkpoint
+from llm_book.training.metrics import read_log, write_csv
+from llm_book.training.trainer import NonFiniteLossError, Trainer
 
 
 class TinyLM(nn.Module):
@@ -128,7 +131,7 @@ def test_checkpoint_write_is_atomic(corpus, tmp_path, monkeypatch):
     def crash(tensors, filename, metadata=None):   # dies half-way through writing the new file
         with open(filename, "wb") as f: f.write(b"partial")
         raise KeyboardInterrupt("killed while saving")
-    monkeypatch.setattr(trainer_module, "save_file", crash)
+    monkeypatch.setattr(checkpoint_module, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         trainer.save_checkpoint()
     assert (tmp_path / "checkpoint.safetensors").read_bytes() == good
@@ -199,7 +202,7 @@ def test_trainer_learns_and_logs(corpus, tmp_path):
     assert rows == trainer.history
     csv_path = write_csv(rows, tmp_path / "log.csv")
     assert csv_path.read_text().splitlines()[0] == "step,split,loss,perplexity,lr,grad_norm,tokens,ms_per_step"
-    fig = trainer_module.plot_losses(rows)
+    fig = plot_losses(rows)
     fig.savefig(tmp_path / "loss.png")
     assert (tmp_path / "loss.png").stat().st_size > 1000
 
@@ -427,3 +430,15 @@ def test_non_finite_optimizer_state_is_never_saved(corpus, tmp_path):
     with pytest.raises(ValueError, match=r"the training state holds non-finite values at step 2: tensor 'optimizer\.\d+\.exp_avg_sq' \(0 NaN, 1 infinite"):
         trainer.save_checkpoint()
     assert (tmp_path / "checkpoint.safetensors").read_bytes() == good
+
+
+def test_new_run_refuses_to_overwrite_an_existing_checkpoint(corpus, tmp_path):
+    first = run(corpus, tmp_path, max_steps=4)
+    before = (tmp_path / "checkpoint.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"out_dir '.*' already holds a run \(checkpoint.safetensors\); "
+                                         r"pass resume=True to continue it, or use a new or empty out_dir"):
+        run(corpus, tmp_path, max_steps=4)
+    assert (tmp_path / "checkpoint.safetensors").read_bytes() == before   # untouched
+    resumed = run(corpus, tmp_path, resume=True, max_steps=4)   # the first way out
+    assert resumed.step == first.step == 4
+    assert run(corpus, tmp_path / "new", max_steps=2).step == 2   # the second: a new directory

@@ -58,7 +58,7 @@ def finetune_command(args) -> int:
 def load_finetuned(run:str|Path):
     "`(model, tokenizer)` of a `llm_book finetune` run directory, adapters merged."
     from llm_book.finetune.lora import add_lora, merge_lora
-    from llm_book.training.trainer import load_model_weights
+    from llm_book.training.checkpoint import load_model_weights
     run = Path(run)
     state_path = run / "finetune.json"
     if not state_path.is_file(): raise ValueError(f"--run {str(run)!r} has no finetune.json; expected a directory written by `llm_book finetune`")

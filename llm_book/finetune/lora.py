@@ -15,7 +15,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..core.head_attention import Linear
-from ..training.trainer import atomic_save_safetensors, tensor_checksum, verify_checksums, with_checksums
+from ..training.checkpoint import atomic_save_safetensors, tensor_checksum, verify_checksums, with_checksums
 
 # %% auto #0
 __all__ = ['LORA_FORMAT', 'LoRALinear', 'lora_layers', 'add_lora', 'merge_lora', 'base_state_dict', 'base_fingerprint',

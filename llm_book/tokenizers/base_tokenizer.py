@@ -15,7 +15,7 @@ from typing import Iterable
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['special_tokens_pattern', 'check_text', 'BaseTokenizer', 'ByteTokenizer', 'current_umask', 'atomic_write_text']
+__all__ = ['special_tokens_pattern', 'check_text', 'BaseTokenizer', 'ByteTokenizer']
 
 # %% ../../nbs/20_base_tokenizer.ipynb #dd7a6057
 def special_tokens_pattern(
@@ -219,35 +219,8 @@ def decode_batch(self:BaseTokenizer, batch:Iterable[Iterable[int]], errors:str="
     "Decode each list of ids in `batch`."
     return [self.decode(ids, errors=errors) for ids in batch]
 
-# %% ../../nbs/20_base_tokenizer.ipynb #dbda3bb5
-def current_umask() -> int:
-    "The process's umask: read from /proc on Linux (no side effect), elsewhere by setting it and restoring it."
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"): return int(line.split()[1], 8)
-    except (OSError, ValueError): pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-def atomic_write_text(path:str|Path, # where the file goes
-                      text:str, # its content
-                     ):
-    "Write `text` to `path` so that readers see the old file or the whole new one, never a partial write."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp_path, 0o666 & ~current_umask())   # mkstemp makes 0600; give the mode open() would give
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)   # the atomic step
-    except BaseException:
-        if os.path.exists(tmp_path): os.remove(tmp_path)
-        raise
+# %% ../../nbs/20_base_tokenizer.ipynb #64da9442
+from ..training.checkpoint import atomic_write_text   # one place for safe file writes (chapter 34a)
 
 # %% ../../nbs/20_base_tokenizer.ipynb #1bc39b52
 @patch
