@@ -216,7 +216,7 @@ def test_tiktoken_falls_back_when_ranks_disagree_with_merges():
 # ---- training -----------------------------------------------------------------------------------------------------
 def naive_word_merges(word_counts, num_merges):
     "Reference: recount every pair of every word after each merge."
-    from llm_book.tokenizers.bpe_tokenizer import merge_pair
+    from llm_book.tokenizers.bpe_training import merge_pair
     words, merges = dict(word_counts), []
     for new_id in range(256, 256 + num_merges):
         counts = {}
