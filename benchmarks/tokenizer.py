@@ -10,7 +10,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from llm_book.tokenizers.bpe_tokenizer import BPETokenizer, smollm2_gguf_path
+from llm_book.gguf import smollm2_path
+from llm_book.tokenizers.bpe_tokenizer import BPETokenizer
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
 VOCAB_SIZE = 4096
@@ -77,7 +78,8 @@ def main():
           f"tokenizers {megabytes / hf_batch:6.2f} MB/s | ratio {hf_batch / ours_batch:5.2f}x")
 
     # ---- encoding with the real SmolLM2 vocabulary (ranks != ids) ----
-    gguf = smollm2_gguf_path()
+    try: gguf = smollm2_path()
+    except (ModuleNotFoundError, FileNotFoundError): gguf = None
     if gguf is not None:
         smol = BPETokenizer.from_gguf(gguf)
         with tempfile.TemporaryDirectory() as d:

