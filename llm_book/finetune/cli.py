@@ -5,7 +5,6 @@
 # %% ../../nbs/55_finetune_cli.ipynb #302acdbb
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 

@@ -11,7 +11,6 @@ import gguf
 import numpy as np
 import torch
 
-from ..core.rope import interleaved_to_half_split
 from ..gguf import gguf_name_table, unpermute_qk
 from ..tokenizers.bpe_tokenizer import SPLIT_PATTERNS
 

@@ -14,7 +14,6 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..core.head_attention import Linear
 from ..training.checkpoint import atomic_save_safetensors, tensor_checksum, verify_checksums, with_checksums
 
 # %% auto #0
