@@ -68,7 +68,7 @@ def build_tokenizer(spec:str, # 'char', 'bpe', or the path of a saved tokenizer 
 def save_loss_plot(rows:list[dict], path:str|Path, title:str):
     "Save the loss curves of `rows` as a PNG (and close the figure, so notebooks don't show it twice)."
     import matplotlib.pyplot as plt   # only when a plot is asked for
-    from llm_book.teaching.plots import plot_losses   # the one loss-curve function (chapter 34c)
+    from llm_book.training.plots import plot_losses   # the one loss-curve function (chapter 34c)
     figure = plot_losses(rows, title=title)
     figure.savefig(path)
     plt.close(figure)

@@ -18,7 +18,7 @@ from llm_book.training import checkpoint as checkpoint_module
 from llm_book.training.optimizer import configure_optimizer, split_decay_parameters
 from llm_book.training.scheduler import cosine_schedule, get_scheduler
 from checkpoint_files import rewrite_checkpoint, tensor_byte_range
-from llm_book.teaching.plots import plot_losses
+from llm_book.training.plots import plot_losses
 from llm_book.training.checkpoint import load_model_weights, read_checkpoint
 from llm_book.training.metrics import read_log, write_csv
 from llm_book.training.trainer import NonFiniteLossError, Trainer
