@@ -222,7 +222,8 @@ def forward(self:QuantizedLinear, x:torch.Tensor, # (..., in_features)
         if self.bits == 8:
             y = torch.ops.aten._weight_int8pack_mm(xc, self.weight_int8, params)              # (M, N): s * (x @ q8^T)
             if zeros is not None:                                                           # + sum(x) * z, one addmm
-                y = torch.addmm(y.float(), x2.float().sum(-1, keepdim=True), zeros)         # (M, 1) @ (1, N)
+                xsum = xc.sum(-1, keepdim=True, dtype=torch.float32)   # the same rounded x as the product: consistent
+                y = torch.addmm(y.float(), xsum, zeros)                                     # (M, 1) @ (1, N)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, self.weight_int4, self.group_size, params)  # (M, N)
     else:
