@@ -1,8 +1,8 @@
 """Weight-only int8/int4 on SmolLM2-135M-Instruct: decode speed against our fp16 and llama.cpp, perplexity side by side.
 
 Contenders (greedy decode, batch 1, one process): llm_book in float16, int8 and int4 (`load_gguf(dtype=...)`, chapter 43)
-and llama.cpp (llama-cpp-python) on the same Q4_1 GGUF file. They take turns round by round and the best round counts,
-which keeps the ratios fair on a shared, noisy machine. Then the perplexity of a held-out slice of tiny-shakespeare
+and llama.cpp (llama-cpp-python) on the same Q4_1 GGUF file. They take turns round by round; each ratio is the median over rounds of
+that round's ratio (both sides measured back to back, under the same load), which keeps it fair on a shared, noisy machine. Then the perplexity of a held-out slice of tiny-shakespeare
 (chapter 44: same tokens, same windows) for float32, int8, int4 and llama.cpp. Prints a table, the measured memory
 bandwidth and the bound it sets (tok/s <= bandwidth / weight bytes read per token), and ends with one line:
 
@@ -16,6 +16,7 @@ Targets (issue 16): int4 >= 0.8x llama.cpp tok/s, int8 >= 1.5x our fp16; perplex
 import argparse
 import importlib.util
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def bandwidth_gbs(megabytes=256, rounds=5):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per round")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds (the best counts)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (medians over rounds are reported)")
     parser.add_argument("--threads", type=int, default=1, help="threads for torch and llama.cpp")
     parser.add_argument("--ppl-tokens", type=int, default=512, help="held-out tokens scored for perplexity")
     parser.add_argument("--context", type=int, default=256, help="perplexity window (stride: half of it)")
@@ -85,20 +86,26 @@ def main():
     else:
         print("llama-cpp-python: not installed, llama.cpp column skipped (pip install llama-cpp-python)")
 
-    speed = {name: 0.0 for name in ["fp16", "int8", "int4"] + (["llama.cpp"] if llm else [])}
+    names = ["fp16", "int8", "int4"] + (["llama.cpp"] if llm else [])
+    rounds = {name: [] for name in names}   # tok/s per round; the contenders take turns within each round
     with torch.no_grad():
         for _ in range(args.rounds):
-            for name in speed:
-                rate = (decode_llamacpp(llm, prompt_ids, args.new_tokens) if name == "llama.cpp"
-                        else decode_ours(models[name], input_ids, args.new_tokens))
-                speed[name] = max(speed[name], rate)
+            for name in names:
+                rounds[name].append(decode_llamacpp(llm, prompt_ids, args.new_tokens) if name == "llama.cpp"
+                                    else decode_ours(models[name], input_ids, args.new_tokens))
+    speed = {name: statistics.median(r) for name, r in rounds.items()}
+    # a ratio per round (both sides measured back to back, under the same load), then the median over rounds
+    round_ratio = lambda a, b: statistics.median(x / y for x, y in zip(rounds[a], rounds[b]))
     gbs = bandwidth_gbs()
     print(f"memory bandwidth: {gbs:.1f} GB/s (sum over 256 MB, best of 5)")
-    print(f"{'model':>10} {'decode tok/s':>13} {'bytes/weight':>13} {'bound tok/s':>12}")
+    print(f"{'model':>10} {'median tok/s':>13} {'best tok/s':>11} {'bytes/weight':>13} {'bound tok/s':>12}")
     for name, rate in speed.items():
-        if name == "llama.cpp": print(f"{name:>10} {rate:13.1f} {'':>13} {'':>12}"); continue
+        if name == "llama.cpp": print(f"{name:>10} {rate:13.1f} {max(rounds[name]):11.1f} {'':>13} {'':>12}"); continue
         wb = weight_bytes(models[name])
-        print(f"{name:>10} {rate:13.1f} {wb['bytes_per_weight']:13.3f} {gbs * 1e9 / wb['bytes']:12.1f}")
+        print(f"{name:>10} {rate:13.1f} {max(rounds[name]):11.1f} {wb['bytes_per_weight']:13.3f} {gbs * 1e9 / wb['bytes']:12.1f}")
+    print("ratios, median over rounds of each round's ratio: "
+          + ", ".join(f"{a}/{b} {round_ratio(a, b):.3f}" for a, b in [("int8", "fp16"), ("int4", "fp16")]
+                      + ([("int4", "llama.cpp"), ("int8", "llama.cpp")] if llm else [])))
 
     text = (ROOT / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")[-20_000:]
     held_out = tokenizer.encode(text)[-args.ppl_tokens:]
@@ -113,8 +120,8 @@ def main():
               f"vs fp32 {r['perplexity'] / ppl['fp32']['perplexity'] - 1:+.2%}")
 
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"
-    figures = dict(int4_vs_llamacpp=speed["int4"] / speed["llama.cpp"] if llm else None,
-                   int8_vs_fp16=speed["int8"] / speed["fp16"],
+    figures = dict(int4_vs_llamacpp=round_ratio("int4", "llama.cpp") if llm else None,
+                   int8_vs_fp16=round_ratio("int8", "fp16"),
                    ppl_fp32=ppl["fp32"]["perplexity"], ppl_int8=ppl["int8"]["perplexity"],
                    ppl_int4=ppl["int4"]["perplexity"], ppl_llamacpp=ppl["llamacpp"]["perplexity"] if has_llamacpp else None)
     print(" ".join(f"{k}={fmt(v)}" for k, v in figures.items()) + " spec_speedup=n/a spec_identical=n/a")

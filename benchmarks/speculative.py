@@ -4,7 +4,7 @@ Three comparisons, each against a baseline measured in the same process, contend
 (best round counts, which keeps the ratios fair on a shared, noisy machine):
 
 1. Greedy decoding, batch 1: plain `model.generate` against `speculative_generate` with a prompt-lookup draft, an
-   fp16 copy as the draft, and optionally a layer-skipping draft (`truncated_model`, `--draft-layers N`); tokens
+   fp16 copy and an int4 copy (`load_gguf(dtype="int4")`) as drafts, and optionally a layer-skipping draft (`truncated_model`, `--draft-layers N`); tokens
    must be identical. Target: >= 1.5x.
 2. `generate_batch` of 8 prompts of different lengths against batch 1 (the same 8 prompts one by one), in new
    tokens per second; every row must equal its prompt alone. Target: >= 4x.
@@ -78,9 +78,11 @@ def main():
 
     # 1. speculative greedy, batch 1
     half = load_gguf(smollm2_path(), dtype=torch.float16)[0]     # an fp16 copy: cheaper where fp16 matmuls are fast
+    int4 = load_gguf(smollm2_path(), dtype="int4")[0]            # the file's own 4-bit blocks (chapter 43): self-speculation
     spec = {"plain": lambda ids: (model.generate(ids, max_new_tokens=args.new_tokens, eos_token_id=stops), None),
             f"lookup k={args.num_draft}": lambda ids: _spec(model, ids, args, PromptLookupDraft(), args.num_draft, stops),
-            "fp16 copy k=4": lambda ids: _spec(model, ids, args, half, 4, stops)}
+            "fp16 copy k=4": lambda ids: _spec(model, ids, args, half, 4, stops),
+            "int4 copy k=4": lambda ids: _spec(model, ids, args, int4, 4, stops)}
     if args.draft_layers:   # layer skipping: the model's first layers (shared weights) as the draft
         layer_draft = truncated_model(model, args.draft_layers)
         spec[f"{args.draft_layers}-layer draft k=3"] = lambda ids: _spec(model, ids, args, layer_draft, 3, stops)

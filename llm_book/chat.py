@@ -31,6 +31,8 @@ def chat(model, # an llm_book model (e.g. from `load_gguf`)
          top_k: int|None=None, # sample among the k most likely tokens
          top_p: float|None=None, # sample among the most likely tokens up to probability p
          seed: int|None=None, # seed for sampling
+         draft=None, # None: plain decoding; "ngram" (prompt lookup) or a draft model: speculative decoding (chapter 45)
+         num_draft: int=4, # guesses per speculative round
         ) -> Iterator[str]:
     "Stream the assistant's reply to `messages` as pieces of text, as the tokens are generated."
     if not messages or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages):
@@ -39,8 +41,13 @@ def chat(model, # an llm_book model (e.g. from `load_gguf`)
     stops = stop_token_ids(tokenizer)
     input_ids = torch.tensor([prompt_ids])
     generated, emitted = [], ""
-    for token in model.stream(input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                              top_p=top_p, eos_token_id=sorted(stops) or None, seed=seed):
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   eos_token_id=sorted(stops) or None, seed=seed)
+    if draft is None: tokens = model.stream(input_ids, **options)
+    else:               # the same tokens (greedy) or the same distribution (sampling), fewer forwards of the model
+        from llm_book.speculative import speculative_stream
+        tokens = speculative_stream(model, input_ids, draft=None if draft == "ngram" else draft, num_draft=num_draft, **options)
+    for token in tokens:
         token = int(token[0])
         if token in stops: break
         generated.append(token)
@@ -63,7 +70,11 @@ def parse_args(argv: list[str]|None=None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (float16: half the memory of float32; int8/int4: quantized weights, chapter 43)")
+    parser.add_argument("--draft", choices=["int4", "ngram"], default=None, help="speculative decoding (chapter 45): int4 = the "
+                        "same model in int4 guesses, ngram = prompt lookup guesses; the model checks every guess")
+    parser.add_argument("--num-draft", type=int, default=4, help="guesses per speculative round (with --draft)")
     args = parser.parse_args(argv)
+    if args.num_draft < 1: parser.error(f"--num-draft must be >= 1, got {args.num_draft}")
     if args.max_new_tokens < 1: parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not args.temperature >= 0 or args.temperature == float("inf"): parser.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1: parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
@@ -75,7 +86,9 @@ def main(argv: list[str]|None=None, # arguments after `llm_book chat` (default: 
     args = parse_args(argv)
     model, tokenizer = load_gguf(args.model, dtype=DTYPES[args.dtype])
     messages = [] if args.system is None else [{"role": "system", "content": args.system}]
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    draft = load_gguf(args.model, dtype="int4")[0] if args.draft == "int4" else args.draft
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                   draft=draft, num_draft=args.num_draft)
 
     def reply(text):
         messages.append({"role": "user", "content": text})

@@ -186,11 +186,13 @@ class QuantizedLinear(nn.Module):
 # %% ../nbs/43_quantize.ipynb #80e4c4d9
 @patch
 def _group_params(self:QuantizedLinear, dtype:torch.dtype) -> tuple[torch.Tensor, torch.Tensor|None]:
-    "The kernel's scale (and zero) tensors in `dtype`, cast once and kept (a model `.to()` may change the buffers)."
+    "The kernel's scales in `dtype` and the int8 zeros (1, N) in float32, cast once and kept (a model `.to()` may change the buffers)."
     source = self.scales if self.bits == 8 else self.scales_and_zeros
-    if self._kernel_params is None or self._kernel_params[0] is not source or self._kernel_params[1].dtype != dtype:
-        self._kernel_params = (source, source.reshape(-1).to(dtype) if self.bits == 8 else source.to(dtype))
-    return self._kernel_params[1], (self.zeros.reshape(-1).float() if self.bits == 8 and self.zeros is not None else None)
+    cached = self._kernel_params
+    if cached is None or cached[0] is not source or cached[1].dtype != dtype:
+        zeros = self.zeros.reshape(1, -1).float() if self.bits == 8 and self.zeros is not None else None   # (1, N)
+        cached = self._kernel_params = (source, source.reshape(-1).to(dtype) if self.bits == 8 else source.to(dtype), zeros)
+    return cached[1], cached[2]
 
 @patch
 def dequantized_weight(self:QuantizedLinear) -> torch.Tensor: # (N, K) float32
@@ -214,18 +216,21 @@ def forward(self:QuantizedLinear, x:torch.Tensor, # (..., in_features)
     if x.shape[-1] != self.in_features:
         raise ValueError(f"input has {x.shape[-1]} features in its last dimension; this layer takes {self.in_features}")
     x2 = x.reshape(-1, self.in_features)                                                    # (M, K)
-    if self.uses_kernel:
-        xc = x2.to(self.compute_dtype)
+    if self.uses_kernel:   # the decode path: a handful of ops per layer, the casts no-ops when x is already compute_dtype
         params, zeros = self._group_params(self.compute_dtype)
+        xc = x2.to(self.compute_dtype)
         if self.bits == 8:
             y = torch.ops.aten._weight_int8pack_mm(xc, self.weight_int8, params)              # (M, N): s * (x @ q8^T)
-            if zeros is not None: y = y.float() + xc.float().sum(-1, keepdim=True) * zeros  # + z * sum(x)
+            if zeros is not None:                                                           # + sum(x) * z, one addmm
+                xsum = xc.sum(-1, keepdim=True, dtype=torch.float32)   # the same rounded x as the product: consistent
+                y = torch.addmm(y.float(), xsum, zeros)                                     # (M, 1) @ (1, N)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, self.weight_int4, self.group_size, params)  # (M, N)
     else:
         y = F.linear(x2.float(), self.dequantized_weight())                                  # (M, N)
     if self.bias is not None: y = y.float() + self.bias
     return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
 
 # %% ../nbs/43_quantize.ipynb #468e5169
 DEFAULT_GROUP_SIZE = {8: None, 4: 32}
@@ -284,7 +289,7 @@ def quantize_gguf_model(model:nn.Module, # the float Llama loaded from `reader` 
                         head_bits:int=8, # the output head's bits: 8 (as llama.cpp's Q8_0 head) or 4 (+5.7% perplexity)
                         **kwargs, # backend, compute_dtype: see `QuantizedLinear`
                        ) -> nn.Module:
-    """int8: every linear layer per-row symmetric int8 (requantized from the file's values). int4: Q4_1 layers
+    """int8: every linear layer per-row asymmetric int8 (requantized from the file's values). int4: Q4_1 layers
     loaded block for block (scale d, offset m); other layers requantized (`head_bits` for the output head)."""
     import gguf
     if bits not in (4, 8): raise ValueError(f"bits must be 4 or 8, got {bits!r}")
@@ -306,8 +311,8 @@ def quantize_gguf_model(model:nn.Module, # the float Llama loaded from `reader` 
                 parts.append((q, d, m))
             q, d, m = (torch.cat(t) for t in zip(*parts))                 # fused rows: [q|k|v], [gate|up]
             layer = QuantizedLinear(q, d, m, 4, symmetric=False, bias=linear.bias, **kwargs)
-        else:                          # requantize the file's values: int8 per row, int4 asymmetric in groups of 32
+        else:   # requantize the file's values, asymmetric (min to max: a row of Q4_1 blocks is not centred on 0): int8 per row, int4 in groups of 32
             layer_bits = head_bits if module_name == "lm_head" else bits
-            layer = QuantizedLinear.from_linear(linear, layer_bits, DEFAULT_GROUP_SIZE[layer_bits], layer_bits == 8, **kwargs)
+            layer = QuantizedLinear.from_linear(linear, layer_bits, DEFAULT_GROUP_SIZE[layer_bits], symmetric=False, **kwargs)
         setattr(parent, child, layer)
     return model

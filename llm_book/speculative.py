@@ -93,7 +93,7 @@ class ModelDraft:
         while keep < limit and self.fed[keep] == tokens[keep]: keep += 1
         self.cache.crop(keep); self.fed = self.fed[:keep]
         feed, guesses, probs = tokens[keep:], [], []
-        device = self.model.lm_head.weight.device
+        device = next(self.model.parameters()).device            # (an int8/int4 model's lm_head has no .weight)
         for _ in range(num_draft):
             logits, self.cache = self.model(torch.tensor([feed], device=device), cache=self.cache, use_cache=True, logits_to_keep=1)
             self.fed += feed

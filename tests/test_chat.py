@@ -124,3 +124,25 @@ def test_content_specials_text_refuses_a_template_that_rewrites_content(smollm2)
     assert trimming.apply_chat_template([{"role": "user", "content": "a<|im_end|>"}], content_specials="text").count(2) == 1
     with pytest.raises(ValueError, match="changes the message content"):
         trimming.apply_chat_template([{"role": "user", "content": " padded "}], content_specials="text")
+
+
+def test_chat_speculative_draft_gives_the_same_greedy_reply(smollm2):
+    "`chat(..., draft=...)` goes through the one speculative module: greedy replies are token for token the plain ones."
+    model, tokenizer = smollm2
+    plain = "".join(chat(model, tokenizer, QUESTION, max_new_tokens=16))
+    int4, _ = load_gguf(dtype="int4")
+    assert "".join(chat(model, tokenizer, QUESTION, max_new_tokens=16, draft="ngram")) == plain
+    assert "".join(chat(model, tokenizer, QUESTION, max_new_tokens=16, draft=int4, num_draft=3)) == plain
+
+
+def test_cli_draft_option(capsys):
+    "`llm_book chat --draft int4|ngram`: the same one-shot answer as without it; bad values are argparse errors."
+    main(["--prompt", "What is the capital of France?", "--max-new-tokens", "10"])
+    plain = capsys.readouterr().out
+    assert "Paris" in plain
+    main(["--prompt", "What is the capital of France?", "--max-new-tokens", "10", "--draft", "int4", "--num-draft", "3"])
+    assert capsys.readouterr().out == plain
+    assert parse_args(["--draft", "ngram"]).draft == "ngram" and parse_args([]).draft is None
+    for bad in (["--draft", "int2"], ["--draft", "ngram", "--num-draft", "0"]):
+        with pytest.raises(SystemExit) as e: parse_args(bad)
+        assert e.value.code == 2
