@@ -225,7 +225,7 @@ async def answer(http:HTTPRequest, # the HTTP request
 def create_app(model, # a model of the book (full attention), in eval mode
                tokenizer, # its tokenizer (`encode`, `decode`, `apply_chat_template`, `special_tokens`)
                model_name:str="llm_book", # the id `/v1/models` lists and requests must name (or omit)
-               num_blocks:int|None=None, # KV pool blocks (default: enough for max_batch_size full contexts / 4)
+               num_blocks:int|None=None, # KV pool blocks (default: 512 tokens per batch row, at least one full context)
                block_size:int=16, # tokens per block
                max_batch_size:int=32, # requests decoded together
                max_waiting:int=256, # requests queued beyond the batch; more get 503 + Retry-After
@@ -233,7 +233,7 @@ def create_app(model, # a model of the book (full attention), in eval mode
               ):
     "The OpenAI-compatible FastAPI app: `/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/health`, and the chat page at `/`."
     context = max_context or model.config.max_position_embeddings
-    if num_blocks is None: num_blocks = max(max_batch_size * context // block_size // 4, -(-context // block_size))
+    if num_blocks is None: num_blocks = -(-max(max_batch_size * 512, context) // block_size)
     scheduler = Scheduler(model, BlockPool.for_model(model, num_blocks, block_size), max_batch_size, context)
     engine = Engine(scheduler, max_waiting)
 
