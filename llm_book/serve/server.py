@@ -38,6 +38,7 @@ class Engine:
         self.inbox = queue.Queue()                 # ("submit", request, loop, asyncio.Queue) from the handlers
         self.listeners = {}                        # request -> (event loop, asyncio.Queue, tokens delivered)
         self.lock, self.num_active, self.error = threading.Lock(), 0, None
+        self.num_tokens = self.max_blocks_used = 0   # tokens handed out, the pool's high-water mark (for /health)
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="llm_book-engine", daemon=True)
 
@@ -79,6 +80,7 @@ class Engine:
                 for request in touched: self.scheduler._finish(request, "error")
                 self.scheduler.waiting.clear()
             for request in touched: self._deliver(request)
+            self.max_blocks_used = max(self.max_blocks_used, self.scheduler.pool.num_used)
 
     def _deliver(self, request:Request):
         "Hand the request's new tokens (and its end) to the handler's queue on its event loop."
@@ -86,6 +88,7 @@ class Engine:
         if listener is None: return
         loop, events, delivered = listener
         for token in request.generated[delivered:]: loop.call_soon_threadsafe(events.put_nowait, ("token", token))
+        self.num_tokens += len(request.generated) - delivered
         listener[2] = len(request.generated)
         if request.finished:
             loop.call_soon_threadsafe(events.put_nowait, ("done", request.finish_reason))
@@ -94,14 +97,14 @@ class Engine:
 
 # %% ../../nbs/49_server.ipynb #c33ae51f
 class TextStream:
-    "Turns a growing list of token ids into text pieces; holds back a piece that ends inside a UTF-8 character."
-    def __init__(self, tokenizer): self.tokenizer, self.ids, self.emitted = tokenizer, [], ""
+    "Turns token ids into text pieces as they come; holds back tokens that end inside a UTF-8 character."
+    def __init__(self, tokenizer): self.tokenizer, self.pending = tokenizer, []
     def add(self, token:int) -> str:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"): return ""
-        piece, self.emitted = text[len(self.emitted):], text
-        return piece
+        self.pending.append(token)
+        text = self.tokenizer.decode(self.pending)   # byte-level BPE: the text is the tokens' bytes concatenated
+        if text.endswith("\ufffd"): return ""        # a character is still incomplete: wait for its next bytes
+        self.pending = []                            # everything so far is complete text: start afresh
+        return text
 
 # %% ../../nbs/49_server.ipynb #431b49a1
 def _number(body:dict, name:str, default, kind=(int, float)):
@@ -257,7 +260,8 @@ def create_app(model, # a model of the book (full attention), in eval mode
         pool = scheduler.pool
         return {"status": "ok" if engine.thread.is_alive() else "stopped", "model": model_name,
                 "running": len(scheduler.running), "waiting": len(scheduler.waiting), "steps": scheduler.num_steps,
-                "blocks_used": pool.num_used, "blocks_total": pool.num_blocks, "block_size": pool.block_size}
+                "blocks_used": pool.num_used, "blocks_total": pool.num_blocks, "block_size": pool.block_size,
+                "max_blocks_used": engine.max_blocks_used, "tokens_generated": engine.num_tokens}
 
     @app.get("/v1/models")
     async def models():
@@ -346,7 +350,7 @@ async function send(text) {
   try {
     const response = await fetch('/v1/chat/completions', {method: 'POST', signal: controller.signal,
       headers: {'Content-Type': 'application/json'},
-      body: JSON.stringify({model: MODEL, messages, stream: true, temperature: 0.2, max_tokens: 512})});
+      body: JSON.stringify({model: MODEL, messages, stream: true, temperature: 0.2})});
     if (!response.ok) throw new Error((await response.json()).error.message);
     const reader = response.body.getReader(), decoder = new TextDecoder(); let buffer = '';
     for (;;) {
