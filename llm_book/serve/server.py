@@ -69,7 +69,8 @@ class Engine:
                 if item[0] == "submit":
                     _, request, loop, events = item
                     self.listeners[request] = [loop, events, 0]
-                    self.scheduler.submit(request)   # checked by the handler already
+                    try: self.scheduler.submit(request)   # checked by the handler already
+                    except ValueError: request.finish_reason = "error"; self._deliver(request)
                 try: item = self.inbox.get_nowait()
                 except queue.Empty: break
             if item is None or self.stopping.is_set(): break
