@@ -20,6 +20,8 @@ dev_requirements = cfg.get("dev_requirements", "").split()
 hf_requirements = ["transformers>=4.46", "tokenizers", "accelerate"]
 # benchmarks/: the peers measured in the same run (Transformers, and llama.cpp, which builds from source).
 bench_requirements = hf_requirements + ["llama-cpp-python>=0.3"]
+serve_requirements = ["fastapi>=0.110", "uvicorn>=0.29"]   # `llm_book serve` (chapter 49)
+serve_test_requirements = ["openai>=1.40", "httpx"]          # the tests talk to the server with the official client
 
 setuptools.setup(
     name=cfg["lib_name"],
@@ -37,7 +39,8 @@ setuptools.setup(
     include_package_data=True,
     package_data={"llm_book": ["data/*"]},
     install_requires=requirements,
-    extras_require={"dev": dev_requirements + hf_requirements, "hf": hf_requirements, "bench": bench_requirements},
+    extras_require={"dev": dev_requirements + hf_requirements + serve_test_requirements, "hf": hf_requirements,
+                    "bench": bench_requirements, "serve": serve_requirements},
     dependency_links=cfg.get("dep_links", "").split(),
     python_requires=">=" + min_python,
     long_description=Path("README.md").read_text(encoding="utf-8") if Path("README.md").exists() else "",

@@ -6,8 +6,8 @@
 __all__ = ['RUN_FILES', 'positive_int', 'finite_non_negative', 'finite_positive', 'probability', 'model_class', 'model_config',
            'build_tokenizer', 'save_loss_plot', 'print_validation', 'load_corpus', 'check_run_directory',
            'read_json_file', 'torchrun_world_size', 'distributed_batch_size', 'train_command', 'load_run',
-           'generate_command', 'tokenize_command', 'chat_command', 'default_corpus', 'demo_command', 'checked_type',
-           'device_name', 'build_parser', 'main']
+           'generate_command', 'tokenize_command', 'chat_command', 'serve_command', 'add_serve_command',
+           'default_corpus', 'demo_command', 'checked_type', 'device_name', 'build_parser', 'main']
 
 # %% ../nbs/36_cli.ipynb #95071d6e
 import argparse
@@ -234,6 +234,27 @@ def chat_command(args) -> int:
         return 1
     return chat_main(args.chat_args) or 0
 
+# %% ../nbs/36_cli.ipynb #8c2b7fa1
+def serve_command(args) -> int:
+    "`llm_book serve`: the OpenAI-compatible server of chapter 49 (the `serve` extra: fastapi, uvicorn)."
+    from llm_book.serve.server import serve      # without fastapi: ModuleNotFoundError, one line from `main`
+    serve(args.model, args.host, args.port, num_blocks=args.num_blocks, block_size=args.block_size,
+          max_batch_size=args.max_batch_size)
+    return 0
+
+def add_serve_command(commands):
+    "Add `llm_book serve` to the subcommands."
+    serve = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (llm_book.serve)",
+                                description="Serve a GGUF model (default: SmolLM2-135M-Instruct) with continuous batching: "
+                                            "/v1/chat/completions, /v1/completions, /v1/models, /health, and a chat page at /.")
+    serve.add_argument("--model", default=None, help="a LLaMA-architecture .gguf file (default: the SmolLM2 that ships)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=positive_int, default=8000)
+    serve.add_argument("--num-blocks", type=positive_int, default=None, help="KV cache pool blocks (default: from the batch size)")
+    serve.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV block")
+    serve.add_argument("--max-batch-size", type=positive_int, default=32, help="requests decoded together")
+    serve.set_defaults(func=serve_command)
+
 # %% ../nbs/36_cli.ipynb #3a420055
 def default_corpus() -> str:
     "The Python documentation topics that ship with CPython: a corpus every install has."
@@ -320,7 +341,7 @@ def device_name(text:str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     "The `llm_book` argument parser with its subcommands."
     parser = argparse.ArgumentParser(prog="llm_book", description="Build, train and run language models from first principles.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,chat,tokenize,demo,finetune,export}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,chat,tokenize,demo,finetune,export,serve}")
 
     train = commands.add_parser("train", help="train a model on a text file", description="Train a tokenizer and a model on a text file.")
     train.add_argument("--data", required=True, help="UTF-8 text file to train on (the last --val-fraction is held out)")
@@ -401,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=demo_command)
     from llm_book.finetune.cli import add_finetune_commands   # chapter 55
     add_finetune_commands(commands, positive_int, finite_positive)
+    add_serve_command(commands)                               # chapter 49
     return parser
 
 def main(argv:list[str]|None=None, # the arguments (default: sys.argv[1:])

@@ -9,9 +9,7 @@ or raw front matter in its text. A screenshot of one chapter goes to /tmp for a 
 import functools
 import http.server
 import json
-import os
 import re
-import shutil
 import socketserver
 import subprocess
 import sys
@@ -24,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from cdp import chromium_page
 from tools import build_site, make_readme
 from tools.nbtools import split_directives
 
@@ -32,10 +31,6 @@ SITE = ROOT / "_site"
 NBS = ROOT / "nbs"
 BUILD = ROOT / "tools" / "build_site.py"
 SCREENSHOT_DIR = Path(tempfile.gettempdir())
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--remote-allow-origins=*", "--window-size=1280,900"]
-
 
 NOTEBOOKS = build_site.source_notebooks()
 
@@ -115,58 +110,6 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-class DevTools:
-    "A minimal Chrome DevTools Protocol client for one page target."
-
-    def __init__(self, ws_url: str):
-        import websocket
-        self.ws = websocket.create_connection(ws_url, timeout=60, suppress_origin=True, enable_multithread=True)
-        self.next_id, self.events = 0, []
-
-    def _recv(self, timeout: float):
-        self.ws.settimeout(max(timeout, 0.01))
-        return json.loads(self.ws.recv())
-
-    def send(self, method: str, timeout: float = 60, **params):
-        self.next_id += 1
-        call_id = self.next_id
-        self.ws.send(json.dumps({"id": call_id, "method": method, "params": params}))
-        deadline = time.time() + timeout
-        while True:
-            msg = self._recv(deadline - time.time())
-            if msg.get("id") == call_id:
-                if "error" in msg:
-                    raise RuntimeError(f"{method}: {msg['error']}")
-                return msg.get("result", {})
-            if "method" in msg:
-                self.events.append(msg)
-
-    def wait_event(self, name: str, timeout: float = 30) -> dict:
-        deadline = time.time() + timeout
-        while True:
-            for i, ev in enumerate(self.events):
-                if ev["method"] == name:
-                    return self.events.pop(i)
-            if time.time() > deadline:
-                raise TimeoutError(f"no {name} within {timeout}s")
-            try:
-                msg = self._recv(deadline - time.time())
-            except Exception:  # websocket timeout: loop re-checks the deadline
-                continue
-            if "method" in msg:
-                self.events.append(msg)
-
-    def evaluate(self, expression: str, timeout: float = 30):
-        res = self.send("Runtime.evaluate", timeout=timeout, expression=expression, returnByValue=True,
-                        awaitPromise=True)
-        if "exceptionDetails" in res:
-            raise RuntimeError(f"page script failed: {res['exceptionDetails']}")
-        return res["result"].get("value")
-
-    def close(self):
-        self.ws.close()
-
-
 PAGE_PROBE = r"""
 (async () => {
   const imgs = [...document.images];
@@ -198,100 +141,66 @@ PAGE_PROBE = r"""
 """
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def browser_report(site) -> dict:
     "Open every page of the site in headless Chromium; returns {source notebook: probe results}."
-    chromium = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "headless Chromium is needed for the docs check: `make system-deps` (apt install chromium)"
     handler = functools.partial(_QuietHandler, directory=str(SITE))
     server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}/"
-    profile = tempfile.mkdtemp(prefix="llm_book_chromium_")
-    port = _free_port()
-    proc = subprocess.Popen([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-                             f"--remote-debugging-port={port}", "about:blank"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    report, tools = {}, None
+    report = {}
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=5) as r:
-                    targets = [t for t in json.load(r) if t.get("type") == "page"]
-                if targets:
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None, f"Chromium exited with status {proc.returncode}"
-            assert time.time() < deadline, "Chromium's DevTools endpoint did not come up within 60 s"
-            time.sleep(0.2)
-        tools = DevTools(targets[0]["webSocketDebuggerUrl"])
-        for domain in ("Page", "Runtime", "Log"):
-            tools.send(f"{domain}.enable")
-        tools.send("Emulation.setDeviceMetricsOverride", width=1280, height=900, deviceScaleFactor=1, mobile=False)
-        for source, page in site.items():
-            # Start from a blank page so that late events of the previous page are not counted for this one.
-            tools.send("Page.navigate", url="about:blank")
+        with chromium_page() as tools:
+            for domain in ("Page", "Runtime", "Log"):
+                tools.send(f"{domain}.enable")
+            tools.send("Emulation.setDeviceMetricsOverride", width=1280, height=900, deviceScaleFactor=1, mobile=False)
+            for source, page in site.items():
+                # Start from a blank page so that late events of the previous page are not counted for this one.
+                tools.send("Page.navigate", url="about:blank")
+                tools.wait_event("Page.loadEventFired", timeout=30)
+                tools.send("Runtime.evaluate", expression="0")
+                tools.events.clear()
+                url = base + page["href"]
+                start = time.time()
+                tools.send("Page.navigate", url=url)
+                tools.wait_event("Page.loadEventFired", timeout=30)
+                while time.time() - start < 15:  # MathJax typesets after the load event (the probe reports if not)
+                    state = tools.evaluate("window.MathJax ? document.documentElement.getAttribute('data-mathjax') "
+                                           ": 'not loaded'")
+                    if state in ("done", "not loaded"):
+                        break
+                    time.sleep(0.05)
+                probe = tools.evaluate(PAGE_PROBE)
+                tools.send("Runtime.evaluate", expression="0")  # flush events that arrived meanwhile
+                errors = []
+                for ev in tools.events:
+                    if ev["method"] == "Runtime.exceptionThrown":
+                        d = ev["params"]["exceptionDetails"]
+                        errors.append(f'JS exception: {d.get("exception", {}).get("description") or d.get("text")}')
+                    elif ev["method"] == "Log.entryAdded" and ev["params"]["entry"]["level"] == "error":
+                        e = ev["params"]["entry"]
+                        errors.append(f'console error: {e.get("text")} {e.get("url", "")}')
+                probe.update(url=url, errors=errors, seconds=time.time() - start)
+                report[source] = probe
+            # One chapter for a human to look at: the first with both formulas and figures, else the first chapter.
+            chapters = [s for s in site if site[s]["part"]] or list(site)
+            pick = next((s for s in chapters if site[s]["has_math"] and site[s]["has_images"]), chapters[0])
+            tools.send("Page.navigate", url=base + site[pick]["href"])
             tools.wait_event("Page.loadEventFired", timeout=30)
-            tools.send("Runtime.evaluate", expression="0")
-            tools.events.clear()
-            url = base + page["href"]
-            start = time.time()
-            tools.send("Page.navigate", url=url)
-            tools.wait_event("Page.loadEventFired", timeout=30)
-            while time.time() - start < 15:  # MathJax typesets after the load event (the probe reports if not)
-                state = tools.evaluate("window.MathJax ? document.documentElement.getAttribute('data-mathjax') "
-                                       ": 'not loaded'")
-                if state in ("done", "not loaded"):
+            for _ in range(200):
+                if tools.evaluate("document.documentElement.getAttribute('data-mathjax')") == "done":
                     break
                 time.sleep(0.05)
-            probe = tools.evaluate(PAGE_PROBE)
-            tools.send("Runtime.evaluate", expression="0")  # flush events that arrived meanwhile
-            errors = []
-            for ev in tools.events:
-                if ev["method"] == "Runtime.exceptionThrown":
-                    d = ev["params"]["exceptionDetails"]
-                    errors.append(f'JS exception: {d.get("exception", {}).get("description") or d.get("text")}')
-                elif ev["method"] == "Log.entryAdded" and ev["params"]["entry"]["level"] == "error":
-                    e = ev["params"]["entry"]
-                    errors.append(f'console error: {e.get("text")} {e.get("url", "")}')
-            probe.update(url=url, errors=errors, seconds=time.time() - start)
-            report[source] = probe
-        # One chapter for a human to look at: the first with both formulas and figures, else the first chapter.
-        chapters = [s for s in site if site[s]["part"]] or list(site)
-        pick = next((s for s in chapters if site[s]["has_math"] and site[s]["has_images"]), chapters[0])
-        tools.send("Page.navigate", url=base + site[pick]["href"])
-        tools.wait_event("Page.loadEventFired", timeout=30)
-        for _ in range(200):
-            if tools.evaluate("document.documentElement.getAttribute('data-mathjax')") == "done":
-                break
-            time.sleep(0.05)
-        height = min(tools.evaluate("document.documentElement.scrollHeight"), 2400)
-        shot = tools.send("Page.captureScreenshot", format="png", captureBeyondViewport=True,
-                          clip={"x": 0, "y": 0, "width": 1280, "height": height, "scale": 1})
-        import base64
-        path = SCREENSHOT_DIR / f"llm_book_site_{Path(site[pick]['href']).stem}.png"
-        path.write_bytes(base64.b64decode(shot["data"]))
-        report["_screenshot"] = str(path)
+            height = min(tools.evaluate("document.documentElement.scrollHeight"), 2400)
+            shot = tools.send("Page.captureScreenshot", format="png", captureBeyondViewport=True,
+                              clip={"x": 0, "y": 0, "width": 1280, "height": height, "scale": 1})
+            import base64
+            path = SCREENSHOT_DIR / f"llm_book_site_{Path(site[pick]['href']).stem}.png"
+            path.write_bytes(base64.b64decode(shot["data"]))
+            report["_screenshot"] = str(path)
     finally:
-        if tools:
-            tools.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
         server.shutdown()
-        shutil.rmtree(profile, ignore_errors=True)
     report["_base"] = base
     return report
 
