@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,16 +19,13 @@ from pathlib import Path
 
 import httpx
 
+from llm_book.training.distributed import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 QUESTIONS = ["What is the capital of France?", "Name three colours of the rainbow.", "Why is the sky blue?",
              "Write a haiku about the sea.", "What is 12 times 7?", "Give me a tip for learning Python.",
              "What does a compiler do?", "Describe a cat in one sentence."]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def one_request(client, url, index, max_tokens) -> tuple[bool, float | None]:
