@@ -23,7 +23,8 @@ from llm_book.finetune.export import save_gguf
 from llm_book.finetune.lora import add_lora, merge_lora
 from llm_book.finetune.sft import SFTDataset
 from llm_book.gguf import load_gguf
-from llm_book.training.trainer import Trainer, peak_memory_mb
+from llm_book.training.metrics import peak_memory_mb
+from llm_book.training.trainer import Trainer
 
 
 def llama_cpp_same_greedy(path, model, tokenizer, chats, new_tokens=8) -> str:

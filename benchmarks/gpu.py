@@ -25,7 +25,8 @@ from train import BATCH, BLOCK, DATA, make_model   # the same recipe model as th
 
 from llm_book.datasets.text_dataset import TextDataset, train_val_split
 from llm_book.tokenizers.char_tokenizer import CharTokenizer
-from llm_book.training.trainer import Trainer, compute_loss, measure_matmul_flops, training_flops_per_token
+from llm_book.training.metrics import measure_matmul_flops, training_flops_per_token
+from llm_book.training.trainer import Trainer, compute_loss
 
 BF16_DENSE_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "4090": 165.0}
 

@@ -24,7 +24,8 @@ from llm_book.models.configs import get_config
 from llm_book.models.gpt import GPT2
 from llm_book.tokenizers.char_tokenizer import CharTokenizer
 from llm_book.training.optimizer import configure_optimizer
-from llm_book.training.trainer import Trainer, measure_matmul_flops, peak_memory_mb, training_flops_per_token
+from llm_book.training.metrics import measure_matmul_flops, peak_memory_mb, training_flops_per_token
+from llm_book.training.trainer import Trainer
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
 BLOCK, BATCH = 64, 12
