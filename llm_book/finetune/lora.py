@@ -11,10 +11,9 @@ import zlib
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from ..training.checkpoint import atomic_save_safetensors, tensor_checksum, verify_checksums, with_checksums
+from ..training.checkpoint import atomic_save_safetensors, read_safetensors, tensor_checksum, verify_checksums, with_checksums
 
 # %% auto #0
 __all__ = ['LORA_FORMAT', 'LoRALinear', 'lora_layers', 'add_lora', 'merge_lora', 'base_state_dict', 'base_fingerprint',
@@ -151,12 +150,7 @@ def load_lora(model:nn.Module, # the base model the adapter was trained on (with
              ) -> list[str]: # the adapted layers
     "Add the saved adapters to `model`, refusing a file that was saved for another model."
     path = Path(path)
-    if not path.is_file(): raise ValueError(f"adapter file {str(path)!r} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as e: raise ValueError(f"adapter file {str(path)!r} is truncated or corrupt ({type(e).__name__}: {e})") from e
+    tensors, metadata = read_safetensors(path, "adapter file")
     if metadata.get("format") != LORA_FORMAT:
         raise ValueError(f"{str(path)!r} is not an llm_book LoRA adapter (format {metadata.get('format')!r}, expected {LORA_FORMAT!r})")
     verify_checksums(tensors, metadata, path)

@@ -5,7 +5,8 @@
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'current_umask', 'user_file_mode', 'atomic_write_text', 'atomic_save_safetensors',
            'tensor_checksum', 'metadata_checksum', 'with_checksums', 'non_finite_tensors', 'verify_checksums',
-           'read_checkpoint', 'checkpoint_field', 'check_state_dict', 'model_state_tensors', 'load_model_weights']
+           'read_safetensors', 'read_checkpoint', 'checkpoint_field', 'check_state_dict', 'model_state_tensors',
+           'load_model_weights']
 
 # %% ../../nbs/34a_checkpoints.ipynb #aa6dcd5a
 import json
@@ -119,17 +120,25 @@ def verify_checksums(tensors:dict, metadata:dict, path:str|Path):
         if tensor_checksum(tensor) != checksums[name]:
             raise ValueError(f"checkpoint {str(path)!r} is corrupt: tensor {name!r} does not match the CRC-32 checksum stored at save time")
 
-def read_checkpoint(path:str|Path, # a file written by `Trainer.save_checkpoint`
-                   ) -> tuple[dict, dict]:
-    "`(tensors, metadata)` of a checkpoint, verified, with a clear error for a missing, truncated, corrupt or foreign file."
+def read_safetensors(path:str|Path, # a .safetensors file
+                     what:str="file", # how to name it in errors: "checkpoint", "adapter file", ...
+                    ) -> tuple[dict, dict]:
+    "`(tensors, metadata)` of a safetensors file, with a clear error for a missing, truncated or corrupt one (not verified)."
     path = Path(path)
-    if not path.is_file(): raise ValueError(f"checkpoint {str(path)!r} does not exist")
+    if not path.is_file(): raise ValueError(f"{what} {str(path)!r} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as e:   # safetensors reports a cut-off file as a header/buffer size mismatch
-        raise ValueError(f"checkpoint {str(path)!r} is truncated or corrupt ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{what} {str(path)!r} is truncated or corrupt ({type(e).__name__}: {e})") from e
+    return tensors, metadata
+
+def read_checkpoint(path:str|Path, # a file written by `Trainer.save_checkpoint`
+                   ) -> tuple[dict, dict]:
+    "`(tensors, metadata)` of a checkpoint, verified, with a clear error for a missing, truncated, corrupt or foreign file."
+    path = Path(path)
+    tensors, metadata = read_safetensors(path, "checkpoint")
     if metadata.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint {str(path)!r} is not an llm_book trainer checkpoint (format {metadata.get('format')!r})")
     broken = non_finite_tensors(tensors)
