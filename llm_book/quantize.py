@@ -17,8 +17,8 @@ from .gguf import gguf_name_table, unpermute_qk
 
 # %% auto #0
 __all__ = ['INT4_GROUP_SIZES', 'BACKENDS', 'DEFAULT_GROUP_SIZE', 'check_group_size', 'quantize_groupwise', 'dequantize_groupwise',
-           'kernel_problem', 'scheme_problem', 'QuantizedLinear', 'quantize_model', 'weight_bytes', 'q4_1_groups',
-           'quantize_gguf_model']
+           'kernel_problem', 'scheme_problem', 'dynamic_problem', 'QuantizedLinear', 'quantize_model', 'weight_bytes',
+           'q4_1_groups', 'quantize_gguf_model']
 
 # %% ../nbs/43_quantize.ipynb #3f4f191d
 INT4_GROUP_SIZES = (32, 64, 128, 256)   # the group sizes aten's int4 kernel accepts
@@ -115,10 +115,39 @@ def scheme_problem(bits:int, in_features:int, out_features:int, group_size:int) 
                 f"alternatives: bits=8 with group_size=None, or backend='reference'")
     return None
 
-def _warn_once(message:str):
+_dynamic_status: list = []   # [None or why not], filled by the first probe
+
+def _prepack_int8(q:torch.Tensor, # (N, K) int8
+                  scale:torch.Tensor, # (N,) one scale per row
+                 ):
+    "fbgemm's packed form of the int8 weight $s\\,q$ (its quantized-tensor API is deprecated in name, not removed: quiet)."
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        weight = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(weight, None)
+
+def _probe_dynamic() -> str|None:
+    "None if fbgemm's `quantized::linear_dynamic` runs and does not saturate its int16 pair sums, else why not."
+    try:   # x = 1 quantizes to 255, w = 1 to 127: pairs of 255 * 127 overflow int16 on CPUs without VNNI
+        packed = _prepack_int8(torch.full((8, 64), 127, dtype=torch.int8), torch.full((8,), 1 / 127))
+        y = torch.ops.quantized.linear_dynamic(torch.ones(1, 64), packed, False)
+        if not torch.allclose(y, torch.full_like(y, 64.0), rtol=0.02):
+            return f"it saturates on this CPU (64.0 came out as {float(y[0, 0]):.1f})"
+        return None
+    except (AttributeError, RuntimeError, NotImplementedError) as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+
+def dynamic_problem() -> str|None:
+    "None when int8 activations (fbgemm's `quantized::linear_dynamic`) work here, else a message naming it and the alternative."
+    if not _dynamic_status: _dynamic_status.append(_probe_dynamic())
+    why = _dynamic_status[0]
+    return None if why is None else (f"torch {torch.__version__} cannot run quantized::linear_dynamic for int8 activations "
+                                     f"({why}); alternative: activations='float' (weight-only int8)")
+
+def _warn_once(message:str, fallback:str="the slower dequantize-then-matmul path"):
     if message not in _warned:
         _warned.add(message)
-        warnings.warn(message + " -- using the slower dequantize-then-matmul path", stacklevel=3)
+        warnings.warn(f"{message} -- using {fallback}", stacklevel=3)
 
 # %% ../nbs/43_quantize.ipynb #e29faaa8
 class QuantizedLinear(nn.Module):
@@ -131,6 +160,7 @@ class QuantizedLinear(nn.Module):
                  bias:torch.Tensor|None=None, # (N,)
                  backend:str="auto", # "auto": aten kernel, else warn once and dequantize; "kernel": kernel or error; "reference": dequantize
                  compute_dtype:torch.dtype=torch.bfloat16, # activations' dtype inside the kernel (bfloat16: fast path)
+                 activations:str="float", # "float": weight-only; "int8": each row of x rounded to 8 bits too (fbgemm)
                 ):
         super().__init__()
         if bits not in (4, 8): raise ValueError(f"bits must be 4 or 8, got {bits!r}")
@@ -152,7 +182,17 @@ class QuantizedLinear(nn.Module):
         if backend == "kernel" and problem: raise RuntimeError(problem)
         if backend == "auto" and problem: _warn_once(problem)
         self.uses_kernel = backend != "reference" and problem is None
-        stored = compute_dtype if self.uses_kernel else torch.float32     # the kernel reads its scales in the activations' dtype
+        if activations not in ("float", "int8"): raise ValueError(f"activations must be 'float' or 'int8', got {activations!r}")
+        if activations == "int8" and (bits != 8 or not symmetric or self.group_size != K):
+            raise ValueError(f"activations='int8' needs bits=8, symmetric=True and one scale per row (group_size=None); "
+                             f"got bits={bits}, symmetric={symmetric}, group_size={self.group_size}")
+        dynamic = dynamic_problem() if activations == "int8" else None
+        if activations == "int8" and backend == "kernel" and dynamic: raise RuntimeError(dynamic)
+        if activations == "int8" and backend == "auto" and dynamic: _warn_once(dynamic, "float activations")
+        self.uses_dynamic = activations == "int8" and backend != "reference" and dynamic is None
+        self.activations = activations
+        # the weight-only kernel reads its scales in the activations' dtype; fbgemm and the reference path in float32
+        stored = compute_dtype if self.uses_kernel and not self.uses_dynamic else torch.float32
         scale, offset = scale.float(), offset.float()
         if bits == 8:   # store q8 = q - shift as int8, then w = s q8 + z with z = o + shift s
             shift = 0 if symmetric else 128
@@ -169,7 +209,7 @@ class QuantizedLinear(nn.Module):
                 self.register_buffer("weight_int4", (q4[:, 0::2] | (q4[:, 1::2] << 4)).to(torch.uint8))  # (N, K/2)
             self.register_buffer("scales_and_zeros", torch.stack([scale, zeros], -1).transpose(0, 1).contiguous().to(stored))  # (G, N, 2)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        self._kernel_params = None
+        self._kernel_params = self._packed = None
 
     @classmethod
     def from_linear(cls, linear:nn.Linear, # a float linear layer
@@ -181,7 +221,8 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, symmetric={self.symmetric}, "
-                f"{'kernel' if self.uses_kernel else 'reference'}, compute_dtype={self.compute_dtype}")
+                f"{'kernel' if self.uses_kernel else 'reference'}, compute_dtype={self.compute_dtype}"
+                + (f", activations=int8{'' if self.uses_dynamic else ' (unavailable: float)'}" if self.activations == "int8" else ""))
 
 # %% ../nbs/43_quantize.ipynb #80e4c4d9
 @patch
@@ -210,13 +251,26 @@ def dequantized_weight(self:QuantizedLinear) -> torch.Tensor: # (N, K) float32
     return dequantize_groupwise(q4.to(torch.int16) - 8, scales, zeros)
 
 @patch
+def _dynamic_matmul(self:QuantizedLinear, x2:torch.Tensor, # (M, K) float32
+                   ) -> torch.Tensor: # (M, N) float32
+    "fbgemm's int8 x int8 product: each row of x rounded to uint8 with its own scale and zero point, int32 sums."
+    if self._packed is None or self._packed[0] is not self.scales:   # pack once (again after a `.to()`)
+        self._packed = (self.scales, _prepack_int8(self.weight_int8, self.scales.reshape(-1)))
+    packed = self._packed[1]
+    if x2.shape[0] == 1: return torch.ops.quantized.linear_dynamic(x2, packed, False)    # decode: one row
+    # fbgemm takes one scale for the whole input: give each row its own, so a row's result does not depend on the others
+    return torch.cat([torch.ops.quantized.linear_dynamic(row, packed, False) for row in x2.split(1)])
+
+@patch
 def forward(self:QuantizedLinear, x:torch.Tensor, # (..., in_features)
            ) -> torch.Tensor: # (..., out_features), dtype of x
     "$y = x \\hat W^T + b$: aten's packed kernel on `compute_dtype` activations, or the dequantized weight in float32."
     if x.shape[-1] != self.in_features:
         raise ValueError(f"input has {x.shape[-1]} features in its last dimension; this layer takes {self.in_features}")
     x2 = x.reshape(-1, self.in_features)                                                    # (M, K)
-    if self.uses_kernel:   # the decode path: a handful of ops per layer, the casts no-ops when x is already compute_dtype
+    if self.uses_dynamic:
+        y = self._dynamic_matmul(x2.float())                                                # (M, N) float32
+    elif self.uses_kernel:   # the decode path: a handful of ops per layer, the casts no-ops when x is already compute_dtype
         params, zeros = self._group_params(self.compute_dtype)
         xc = x2.to(self.compute_dtype)
         if self.bits == 8:
@@ -287,13 +341,16 @@ def quantize_gguf_model(model:nn.Module, # the float Llama loaded from `reader` 
                         config:dict, # its config (`config_from_gguf`)
                         bits:int, # 8 or 4
                         head_bits:int=8, # the output head's bits: 8 (as llama.cpp's Q8_0 head) or 4 (+5.7% perplexity)
+                        head_activations:str="int8", # the 8-bit head's activations: "int8" (as llama.cpp) or "float"
                         **kwargs, # backend, compute_dtype: see `QuantizedLinear`
                        ) -> nn.Module:
     """int8: every linear layer per-row asymmetric int8 (requantized from the file's values). int4: Q4_1 layers
-    loaded block for block (scale d, offset m); other layers requantized (`head_bits` for the output head)."""
+    loaded block for block (scale d, offset m); other layers requantized (`head_bits` for the output head).
+    An 8-bit head is symmetric per row and, with `head_activations="int8"`, multiplies 8-bit activations."""
     import gguf
     if bits not in (4, 8): raise ValueError(f"bits must be 4 or 8, got {bits!r}")
     if head_bits not in (4, 8): raise ValueError(f"head_bits must be 4 or 8, got {head_bits!r}")
+    if head_activations not in ("int8", "float"): raise ValueError(f"head_activations must be 'int8' or 'float', got {head_activations!r}")
     tensors = {t.name: t for t in reader.tensors}
     for ours, names in gguf_name_table(config["num_layers"], config["tie_word_embeddings"]).items():
         module_name = ours.removesuffix(".weight")
@@ -313,6 +370,9 @@ def quantize_gguf_model(model:nn.Module, # the float Llama loaded from `reader` 
             layer = QuantizedLinear(q, d, m, 4, symmetric=False, bias=linear.bias, **kwargs)
         else:   # requantize the file's values, asymmetric (min to max: a row of Q4_1 blocks is not centred on 0): int8 per row, int4 in groups of 32
             layer_bits = head_bits if module_name == "lm_head" else bits
-            layer = QuantizedLinear.from_linear(linear, layer_bits, DEFAULT_GROUP_SIZE[layer_bits], symmetric=False, **kwargs)
+            if module_name == "lm_head" and layer_bits == 8 and head_activations == "int8":
+                layer = QuantizedLinear.from_linear(linear, 8, None, symmetric=True, activations="int8", **kwargs)
+            else:
+                layer = QuantizedLinear.from_linear(linear, layer_bits, DEFAULT_GROUP_SIZE[layer_bits], symmetric=False, **kwargs)
         setattr(parent, child, layer)
     return model

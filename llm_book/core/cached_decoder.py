@@ -49,5 +49,6 @@ class CachedDecoder(nn.Module):
         if inputs is None and (x.ndim != 3 or x.shape[-1] != self.embed_dim):   # used on its own: check x
             raise ValueError(f"x must have shape (B, T, embed_dim={self.embed_dim}), got {tuple(x.shape)}")
         attended = self.attention(self.attention_norm(x), attention_mask, positions, kv_cache, inputs, layer_idx)
-        x = x + self.attention_dropout(attended)                                        # (B, T, C)
+        if self.training: attended = self.attention_dropout(attended)                  # (no-op at inference: skip the call)
+        x = x + attended                                                                # (B, T, C)
         return x + self.feed_forward(self.ffn_norm(x))                                  # (B, T, C)

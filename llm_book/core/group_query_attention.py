@@ -152,14 +152,15 @@ def forward(self:GroupQueryAttention,
         return out
     B, T, _ = x.shape
     H, KVH, hd = self.num_heads, self.num_kv_heads, self.head_dim
-    q, k, v = self.qkv_proj(x).split([H * hd, KVH * hd, KVH * hd], dim=-1)
-    q = q.view(B, T, H, hd).transpose(1, 2)                                       # (B, H, T, hd)
-    k = k.view(B, T, KVH, hd).transpose(1, 2)                                     # (B, KVH, T, hd)
-    v = v.view(B, T, KVH, hd).transpose(1, 2)                                     # (B, KVH, T, hd)
+    heads = self.qkv_proj(x).view(B, T, H + 2 * KVH, hd).transpose(1, 2)          # (B, H + 2 KVH, T, hd): [q | k | v]
+    q, k, v = heads.split([H, KVH, KVH], dim=1)                                   # (B, H, T, hd), (B, KVH, T, hd) x 2
     if self.qk_norm is not None: q, k = self.qk_norm(q, k)                         # per-head norms (chapter 14)
     if self.rope is not None:
         cos, sin = inputs.rope_cos_sin                                            # computed once per forward
-        q, k = apply_rope(q, cos, sin, self.rope.interleaved), apply_rope(k, cos, sin, self.rope.interleaved)
+        if self.qk_norm is None:   # q and k are neighbours in `heads`: rotate them in one call (half the small ops)
+            q, k = apply_rope(heads[:, :H + KVH], cos, sin, self.rope.interleaved).split([H, KVH], dim=1)
+        else:
+            q, k = apply_rope(q, cos, sin, self.rope.interleaved), apply_rope(k, cos, sin, self.rope.interleaved)
     if inputs.kv_cache is not None:
         cached = inputs.kv_cache.update(layer_idx, k, v)                          # (B, KVH, S, hd) each
         if not inputs.is_causal: k, v = cached    # causal: the cache was empty, keep the fresh keys in their order

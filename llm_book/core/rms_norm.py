@@ -29,8 +29,10 @@ class RMSNorm(nn.Module):
         "Divide `x` by its root mean square over the last dimension and multiply by `weight`."
         if x.shape[-1] != self.dim:
             raise ValueError(f"x has last dim {x.shape[-1]}, expected dim {self.dim}")
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:   # one fused op, the gain included
+            return F.rms_norm(x, (self.dim,), self.weight, eps=self.eps)      # (..., dim)
         normalized = F.rms_norm(x.float(), (self.dim,), eps=self.eps)  # (..., dim), RMS 1: x / sqrt(mean(x²) + eps), fused
-        return self.weight * normalized.to(x.dtype)
+        return self.weight * normalized.to(x.dtype)                    # HF's order: round to x's dtype, then the gain
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"
