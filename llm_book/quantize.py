@@ -73,6 +73,8 @@ def dequantize_groupwise(q:torch.Tensor, # (N, K) integers
 
 # %% ../nbs/43_quantize.ipynb #9525ff9a
 _KERNELS = {8: "_weight_int8pack_mm", 4: "_weight_int4pack_mm_for_cpu"}
+_INT4_MM = getattr(torch.ops.aten, _KERNELS[4], None)   # called per layer on the decode path (None: probed, reported)
+_INT4_MM = None if _INT4_MM is None else _INT4_MM.default
 _kernel_status: dict[int, str|None] = {}
 _warned: set = set()
 
@@ -209,7 +211,7 @@ class QuantizedLinear(nn.Module):
                 self.register_buffer("weight_int4", (q4[:, 0::2] | (q4[:, 1::2] << 4)).to(torch.uint8))  # (N, K/2)
             self.register_buffer("scales_and_zeros", torch.stack([scale, zeros], -1).transpose(0, 1).contiguous().to(stored))  # (G, N, 2)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        self._kernel_params = self._packed = None
+        self._kernel_params = self._packed = self._fast_int4 = None
 
     @classmethod
     def from_linear(cls, linear:nn.Linear, # a float linear layer
@@ -234,6 +236,12 @@ def _group_params(self:QuantizedLinear, dtype:torch.dtype) -> tuple[torch.Tensor
         zeros = self.zeros.reshape(1, -1).float() if self.bits == 8 and self.zeros is not None else None   # (1, N)
         cached = self._kernel_params = (source, source.reshape(-1).to(dtype) if self.bits == 8 else source.to(dtype), zeros)
     return cached[1], cached[2]
+
+@patch
+def _apply(self:QuantizedLinear, fn, recurse=True):
+    "A `.to()`/`.half()` may replace the buffers: forget the kernel arguments made from them."
+    self._kernel_params = self._packed = self._fast_int4 = None
+    return nn.Module._apply(self, fn, recurse)
 
 @patch
 def dequantized_weight(self:QuantizedLinear) -> torch.Tensor: # (N, K) float32
@@ -268,18 +276,20 @@ def forward(self:QuantizedLinear, x:torch.Tensor, # (..., in_features)
     if x.shape[-1] != self.in_features:
         raise ValueError(f"input has {x.shape[-1]} features in its last dimension; this layer takes {self.in_features}")
     x2 = x.reshape(-1, self.in_features)                                                    # (M, K)
-    if self.uses_dynamic:
+    if self.bits == 4 and self.uses_kernel:   # the decode path: cast, one kernel call, cast back
+        if self._fast_int4 is None:             # plain attributes, no module lookups per call (`_apply` resets them)
+            self._fast_int4 = (self.weight_int4, self._group_params(self.compute_dtype)[0])
+        weight, params = self._fast_int4
+        y = _INT4_MM(x2.to(self.compute_dtype), weight, self.group_size, params)             # (M, N)
+    elif self.uses_dynamic:
         y = self._dynamic_matmul(x2.float())                                                # (M, N) float32
-    elif self.uses_kernel:   # the decode path: a handful of ops per layer, the casts no-ops when x is already compute_dtype
+    elif self.uses_kernel:   # int8: the casts are no-ops when x is already compute_dtype
         params, zeros = self._group_params(self.compute_dtype)
         xc = x2.to(self.compute_dtype)
-        if self.bits == 8:
-            y = torch.ops.aten._weight_int8pack_mm(xc, self.weight_int8, params)              # (M, N): s * (x @ q8^T)
-            if zeros is not None:                                                           # + sum(x) * z, one addmm
-                xsum = xc.sum(-1, keepdim=True, dtype=torch.float32)   # the same rounded x as the product: consistent
-                y = torch.addmm(y.float(), xsum, zeros)                                     # (M, 1) @ (1, N)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, self.weight_int4, self.group_size, params)  # (M, N)
+        y = torch.ops.aten._weight_int8pack_mm(xc, self.weight_int8, params)                  # (M, N): s * (x @ q8^T)
+        if zeros is not None:                                                               # + sum(x) * z, one addmm
+            xsum = xc.sum(-1, keepdim=True, dtype=torch.float32)   # the same rounded x as the product: consistent
+            y = torch.addmm(y.float(), xsum, zeros)                                         # (M, 1) @ (1, N)
     else:
         y = F.linear(x2.float(), self.dequantized_weight())                                  # (M, N)
     if self.bias is not None: y = y.float() + self.bias
