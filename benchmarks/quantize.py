@@ -3,15 +3,17 @@
 Contenders (greedy decode, batch 1, one process): llm_book in float16, int8 and int4 (`load_gguf(dtype=...)`, chapter 43)
 and llama.cpp (llama-cpp-python) on the same Q4_1 GGUF file. They take turns round by round; each ratio is the median over rounds of
 that round's ratio (both sides measured back to back, under the same load), which keeps it fair on a shared, noisy machine. Then the perplexity of a held-out slice of tiny-shakespeare
-(chapter 44: same tokens, same windows) for float32, int8, int4 and llama.cpp. Prints a table, the measured memory
+(chapter 44: same tokens, same windows) for float32, int8, int4 and llama.cpp. Then speculative greedy decoding
+(chapter 45): the int4 model drafts `--num-draft` tokens per round for the float32 model, against plain float32 greedy,
+on the prompts of `benchmarks/speculative.py`; the tokens must be identical. Prints a table, the measured memory
 bandwidth and the bound it sets (tok/s <= bandwidth / weight bytes read per token), and ends with one line:
 
-    int4_vs_llamacpp=... int8_vs_fp16=... ppl_fp32=... ppl_int8=... ppl_int4=... ppl_llamacpp=... spec_speedup=n/a spec_identical=n/a
+    int4_vs_llamacpp=... int8_vs_fp16=... ppl_fp32=... ppl_int8=... ppl_int4=... ppl_llamacpp=... spec_speedup=... spec_identical=...
 
-    python benchmarks/quantize.py [--new-tokens 64] [--rounds 3] [--threads 1] [--ppl-tokens 512] [--context 256]
+    python benchmarks/quantize.py [--new-tokens 64] [--rounds 3] [--threads 1] [--ppl-tokens 512] [--context 256] [--num-draft 10]
 
 Targets (issue 16): int4 >= 0.8x llama.cpp tok/s, int8 >= 1.5x our fp16; perplexity int8 within 1% of fp32, int4 within
-5% and no worse than llama.cpp's by more than 2%. Speculative decoding is another module; its figures read n/a here.
+5% and no worse than llama.cpp's by more than 2%; speculative >= 1.5x plain float32 greedy, tokens identical.
 """
 import argparse
 import importlib.util
@@ -24,9 +26,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch
 
+from llm_book.chat import stop_token_ids
 from llm_book.evaluate import LlamaCppLogits, perplexity
 from llm_book.gguf import load_gguf, smollm2_path
 from llm_book.quantize import weight_bytes
+from llm_book.speculative import speculative_generate
+from speculative import SPEC_PROMPTS   # benchmarks/speculative.py: the same prompts
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "Write a short story about a robot who learns to paint."
@@ -68,6 +73,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="threads for torch and llama.cpp")
     parser.add_argument("--ppl-tokens", type=int, default=512, help="held-out tokens scored for perplexity")
     parser.add_argument("--context", type=int, default=256, help="perplexity window (stride: half of it)")
+    parser.add_argument("--num-draft", type=int, default=10, help="tokens the int4 draft guesses per round")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     has_llamacpp = importlib.util.find_spec("llama_cpp") is not None
@@ -119,12 +125,32 @@ def main():
         print(f"{name:>10} ppl {r['perplexity']:8.3f}  bits/byte {r['bits_per_byte']:.4f}  "
               f"vs fp32 {r['perplexity'] / ppl['fp32']['perplexity'] - 1:+.2%}")
 
+    # speculative greedy decoding: the int4 model drafts for the float32 model; per round, both on every prompt
+    stops = sorted(stop_token_ids(tokenizer))
+    prompts = [torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)]) for text in SPEC_PROMPTS]
+    seconds, identical = {"plain": [], "speculative": []}, True
+    with torch.no_grad():
+        for _ in range(args.rounds):
+            spent = {"plain": 0.0, "speculative": 0.0}
+            for ids in prompts:
+                start = time.perf_counter()
+                plain = models["fp32"].generate(ids, max_new_tokens=args.new_tokens, eos_token_id=stops)
+                spent["plain"] += time.perf_counter() - start
+                start = time.perf_counter()
+                fast = speculative_generate(models["fp32"], ids, args.new_tokens, models["int4"], args.num_draft, eos_token_id=stops)
+                spent["speculative"] += time.perf_counter() - start
+                identical &= torch.equal(plain, fast)
+            for name in spent: seconds[name].append(spent[name])
+    spec_speedup = statistics.median(p / s for p, s in zip(seconds["plain"], seconds["speculative"]))
+    print(f"speculative greedy, int4 draft guessing {args.num_draft} per round, {len(prompts)} prompts: "
+          f"{spec_speedup:.2f}x plain float32 greedy (median over rounds), tokens identical: {identical}")
+
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"
     figures = dict(int4_vs_llamacpp=round_ratio("int4", "llama.cpp") if llm else None,
                    int8_vs_fp16=round_ratio("int8", "fp16"),
                    ppl_fp32=ppl["fp32"]["perplexity"], ppl_int8=ppl["int8"]["perplexity"],
                    ppl_int4=ppl["int4"]["perplexity"], ppl_llamacpp=ppl["llamacpp"]["perplexity"] if has_llamacpp else None)
-    print(" ".join(f"{k}={fmt(v)}" for k, v in figures.items()) + " spec_speedup=n/a spec_identical=n/a")
+    print(" ".join(f"{k}={fmt(v)}" for k, v in figures.items()) + f" spec_speedup={spec_speedup:.3f} spec_identical={identical}")
 
 
 if __name__ == "__main__":

@@ -280,12 +280,12 @@ def forward(self:QuantizedLinear, x:torch.Tensor, # (..., in_features)
         if self._fast_int4 is None:             # plain attributes, no module lookups per call (`_apply` resets them)
             self._fast_int4 = (self.weight_int4, self._group_params(self.compute_dtype)[0])
         weight, params = self._fast_int4
-        y = _INT4_MM(x2.to(self.compute_dtype), weight, self.group_size, params)             # (M, N)
+        y = _INT4_MM(x2.to(self.compute_dtype).contiguous(), weight, self.group_size, params)  # (M, N)
     elif self.uses_dynamic:
-        y = self._dynamic_matmul(x2.float())                                                # (M, N) float32
+        y = self._dynamic_matmul(x2.float().contiguous())                                   # (M, N) float32
     elif self.uses_kernel:   # int8: the casts are no-ops when x is already compute_dtype
         params, zeros = self._group_params(self.compute_dtype)
-        xc = x2.to(self.compute_dtype)
+        xc = x2.to(self.compute_dtype).contiguous()             # (the kernels read x as one dense block)
         y = torch.ops.aten._weight_int8pack_mm(xc, self.weight_int8, params)                  # (M, N): s * (x @ q8^T)
         if zeros is not None:                                                               # + sum(x) * z, one addmm
             xsum = xc.sum(-1, keepdim=True, dtype=torch.float32)   # the same rounded x as the product: consistent
