@@ -262,8 +262,9 @@ def dequantized_weight(self:QuantizedLinear) -> torch.Tensor: # (N, K) float32
 def _dynamic_matmul(self:QuantizedLinear, x2:torch.Tensor, # (M, K) float32
                    ) -> torch.Tensor: # (M, N) float32
     "fbgemm's int8 x int8 product: each row of x rounded to uint8 with its own scale and zero point, int32 sums."
-    if self._packed is None or self._packed[0] is not self.scales:   # pack once (again after a `.to()`)
-        self._packed = (self.scales, _prepack_int8(self.weight_int8, self.scales.reshape(-1)))
+    stamp = (id(self.weight_int8), self.weight_int8._version, id(self.scales), self.scales._version)  # in-place loads bump versions
+    if self._packed is None or self._packed[0] != stamp:                                     # pack once, again after a change
+        self._packed = (stamp, _prepack_int8(self.weight_int8, self.scales.reshape(-1)))
     packed = self._packed[1]
     if x2.shape[0] == 1: return torch.ops.quantized.linear_dynamic(x2, packed, False)    # decode: one row
     # fbgemm takes one scale for the whole input: give each row its own, so a row's result does not depend on the others

@@ -35,16 +35,9 @@ class RMSNorm(nn.Module):
             # inference: LayerNorm of [x, -x] has mean 0 and variance mean(x²), so its first half is RMSNorm(x) --
             # one fused LayerNorm kernel instead of rms_norm's six CPU ops (timed below)
             doubled = torch.cat([x, -x], dim=-1)                               # (..., 2 dim)
-            return F.layer_norm(doubled, (2 * self.dim,), self._weight_and_zeros(), None, self.eps)[..., :self.dim]
+            return F.layer_norm(doubled, (2 * self.dim,), None, None, self.eps)[..., :self.dim] * self.weight
         normalized = F.rms_norm(x.float(), (self.dim,), eps=self.eps)  # (..., dim), RMS 1: x / sqrt(mean(x²) + eps), fused
         return self.weight * normalized.to(x.dtype)                    # HF's order: round to x's dtype, then the gain
-
-    def _weight_and_zeros(self) -> torch.Tensor: # (2 dim,) [weight | 0], rebuilt when the weight changes
-        cached = getattr(self, "_doubled", None)
-        if cached is None or cached[0] is not self.weight or cached[1] != self.weight._version:
-            w = self.weight.detach()
-            cached = self._doubled = (self.weight, self.weight._version, torch.cat([w, torch.zeros_like(w)]))
-        return cached[2]
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"
