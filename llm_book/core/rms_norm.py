@@ -29,13 +29,8 @@ class RMSNorm(nn.Module):
         "Divide `x` by its root mean square over the last dimension and multiply by `weight`."
         if x.shape[-1] != self.dim:
             raise ValueError(f"x has last dim {x.shape[-1]}, expected dim {self.dim}")
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-                return F.rms_norm(x, (self.dim,), self.weight, eps=self.eps)  # training: its backward is the faster one
-            # inference: LayerNorm of [x, -x] has mean 0 and variance mean(x²), so its first half is RMSNorm(x) --
-            # one fused LayerNorm kernel instead of rms_norm's six CPU ops (timed below)
-            doubled = torch.cat([x, -x], dim=-1)                               # (..., 2 dim)
-            return F.layer_norm(doubled, (2 * self.dim,), None, None, self.eps)[..., :self.dim] * self.weight
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:   # one fused op, the gain included
+            return F.rms_norm(x, (self.dim,), self.weight, eps=self.eps)      # (..., dim)
         normalized = F.rms_norm(x.float(), (self.dim,), eps=self.eps)  # (..., dim), RMS 1: x / sqrt(mean(x²) + eps), fused
         return self.weight * normalized.to(x.dtype)                    # HF's order: round to x's dtype, then the gain
 
