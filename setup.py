@@ -19,6 +19,10 @@ dev_requirements = cfg.get("dev_requirements", "").split()
 # Hugging Face interop and GGUF files: only users of llm_book.hf / llm_book.gguf need these.
 hf_requirements = ["transformers>=4.46", "tokenizers", "accelerate"]
 # benchmarks/: the peers measured in the same run (Transformers, and llama.cpp, which builds from source).
+# llama.cpp builds for the CPU it is built on (-march=native). On a virtual machine whose CPU lists AMX but whose
+# kernel does not grant it, its batched matmuls die with 'Illegal instruction'; build it without AMX instead:
+#   CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON" \
+#     pip install --no-cache-dir --force-reinstall --no-deps llama-cpp-python
 bench_requirements = hf_requirements + ["llama-cpp-python>=0.3"]
 serve_requirements = ["fastapi>=0.110", "uvicorn>=0.29"]   # `llm_book serve` (chapter 49)
 serve_test_requirements = ["openai>=1.40", "httpx"]          # the tests talk to the server with the official client
