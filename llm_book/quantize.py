@@ -75,7 +75,7 @@ def dequantize_groupwise(q:torch.Tensor, # (N, K) integers
 _KERNELS = {8: "_weight_int8pack_mm", 4: "_weight_int4pack_mm_for_cpu"}
 _INT4_MM = getattr(torch.ops.aten, _KERNELS[4], None)   # called per layer on the decode path (None: probed, reported)
 _INT4_MM = None if _INT4_MM is None else _INT4_MM.default
-_kernel_status: dict[int, str|None] = {}
+_kernel_status: dict[int|str, str|None] = {}   # probe results: bits -> why not (None: works); "int8 activations" likewise
 _warned: set = set()
 
 def _probe_kernel(bits:int) -> str|None:
@@ -117,7 +117,6 @@ def scheme_problem(bits:int, in_features:int, out_features:int, group_size:int) 
                 f"alternatives: bits=8 with group_size=None, or backend='reference'")
     return None
 
-_dynamic_status: list = []   # [None or why not], filled by the first probe
 
 def _prepack_int8(q:torch.Tensor, # (N, K) int8
                   scale:torch.Tensor, # (N,) one scale per row
@@ -141,8 +140,8 @@ def _probe_dynamic() -> str|None:
 
 def dynamic_problem() -> str|None:
     "None when int8 activations (fbgemm's `quantized::linear_dynamic`) work here, else a message naming it and the alternative."
-    if not _dynamic_status: _dynamic_status.append(_probe_dynamic())
-    why = _dynamic_status[0]
+    if "int8 activations" not in _kernel_status: _kernel_status["int8 activations"] = _probe_dynamic()
+    why = _kernel_status["int8 activations"]
     return None if why is None else (f"torch {torch.__version__} cannot run quantized::linear_dynamic for int8 activations "
                                      f"({why}); alternative: activations='float' (weight-only int8)")
 
