@@ -5,12 +5,13 @@ and llama.cpp (llama-cpp-python) on the same Q4_1 GGUF file. They take turns rou
 that round's ratio (both sides measured back to back, under the same load), which keeps it fair on a shared, noisy machine. Then the perplexity of a held-out slice of tiny-shakespeare
 (chapter 44: same tokens, same windows) for float32, int8, int4 and llama.cpp. Then speculative greedy decoding
 (chapter 45): the int4 model drafts `--num-draft` tokens per round for the float32 model, against plain float32 greedy,
-on the prompts of `benchmarks/speculative.py`; the tokens must be identical. Prints a table, the measured memory
+on the prompts of `benchmarks/speculative.py`; the tokens must be identical. The float32 model (perplexity and
+speculative) stores its weights column-major (`column_major_weights`, chapter 46) unless `--layout row`. Prints a table, the measured memory
 bandwidth and the bound it sets (tok/s <= bandwidth / weight bytes read per token), and ends with one line:
 
     int4_vs_llamacpp=... int8_vs_fp16=... ppl_fp32=... ppl_int8=... ppl_int4=... ppl_llamacpp=... spec_speedup=... spec_identical=...
 
-    python benchmarks/quantize.py [--new-tokens 64] [--rounds 3] [--threads 1] [--ppl-tokens 512] [--context 256] [--num-draft 10]
+    python benchmarks/quantize.py [--new-tokens 64] [--rounds 3] [--threads 1] [--ppl-tokens 512] [--context 256] [--num-draft 10] [--layout column|row]
 
 Targets (issue 16): int4 >= 0.8x llama.cpp tok/s, int8 >= 1.5x our fp16; perplexity int8 within 1% of fp32, int4 within
 5% and no worse than llama.cpp's by more than 2%; speculative >= 1.5x plain float32 greedy, tokens identical.
@@ -26,6 +27,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch
 
+from llm_book.batching import column_major_weights
 from llm_book.chat import stop_token_ids
 from llm_book.evaluate import LlamaCppLogits, perplexity
 from llm_book.gguf import load_gguf, smollm2_path
@@ -74,14 +76,17 @@ def main():
     parser.add_argument("--ppl-tokens", type=int, default=512, help="held-out tokens scored for perplexity")
     parser.add_argument("--context", type=int, default=256, help="perplexity window (stride: half of it)")
     parser.add_argument("--num-draft", type=int, default=10, help="tokens the int4 draft guesses per round")
+    parser.add_argument("--layout", choices=["column", "row"], default="column",
+                        help="the float32 model's weight order (chapter 46's column_major_weights, or nn.Linear's own)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     has_llamacpp = importlib.util.find_spec("llama_cpp") is not None
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 model {args.layout}-major")
 
     models, tokenizer = {}, None
     for name, dtype in [("fp32", torch.float32), ("fp16", torch.float16), ("int8", "int8"), ("int4", "int4")]:
         models[name], tokenizer = load_gguf(dtype=dtype)
+    column_major_weights(models["fp32"], enable=args.layout == "column")
     prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}])
     input_ids = torch.tensor([prompt_ids])
     llm = None

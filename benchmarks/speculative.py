@@ -11,9 +11,14 @@ Three comparisons, each against a baseline measured in the same process, contend
    every row must equal its prompt alone. Target: >= 4x.
 3. `compile_decode` against eager, batch 1 and batch 8 (the compile time is printed, not counted).
 
+The float32 model's weights are stored column-major (`column_major_weights`, chapter 46: MKL's products of a few
+rows, a verification or a batched step, run faster that way on some CPUs) unless `--layout row`; the header says
+which layout ran. Plain and speculative, batch 1 and batch 8 all use the same model, so each ratio compares like
+with like.
+
 Ends with one line of `key=value` figures.
 
-    python benchmarks/speculative.py [--new-tokens 64] [--rounds 2] [--threads 1] [--no-compile]
+    python benchmarks/speculative.py [--new-tokens 64] [--rounds 2] [--threads 1] [--no-compile] [--layout column|row]
 """
 import argparse
 import copy
@@ -24,7 +29,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch
 
-from llm_book.batching import compile_decode, generate_batch
+from llm_book.batching import column_major_weights, compile_decode, generate_batch
 from llm_book.chat import stop_token_ids
 from llm_book.gguf import load_gguf, smollm2_path
 from llm_book.speculative import PromptLookupDraft, SpeculationStats, speculative_generate, truncated_model
@@ -67,14 +72,17 @@ def main():
     parser.add_argument("--num-draft", type=int, default=6, help="guesses per round (prompt lookup)")
     parser.add_argument("--draft-layers", type=int, default=0, help="also try the first N layers as a draft (0: no)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile comparison")
+    parser.add_argument("--layout", choices=["column", "row"], default="column",
+                        help="the float32 weights' memory order (chapter 46's column_major_weights, or nn.Linear's own)")
     args = parser.parse_args()
     if args.threads: torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, tokenizer = load_gguf(smollm2_path(), dtype=torch.float32)
+    column_major_weights(model, enable=args.layout == "column")
     stops = sorted(stop_token_ids(tokenizer))
     chat = lambda text: tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
     print(f"SmolLM2-135M-Instruct fp32, greedy, {args.new_tokens} new tokens max, best of {args.rounds} rounds, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.layout}-major weights")
     figures = {}
 
     # 1. speculative greedy, batch 1

@@ -8,7 +8,7 @@ import torch
 from .core.generation import stop_ids
 
 # %% auto #0
-__all__ = ['pad_left', 'generate_batch', 'compile_decode']
+__all__ = ['pad_left', 'generate_batch', 'compile_decode', 'column_major_weights']
 
 # %% ../nbs/46_batching.ipynb #9c721d94
 def pad_left(prompts:list[list[int]], # token ids of each prompt (lengths may differ)
@@ -59,4 +59,17 @@ def compile_decode(model:torch.nn.Module, # a model of the book (its `layers` ho
         for name in ("attention_norm", "ffn_norm", "feed_forward"):
             part = getattr(layer, name, None)
             if isinstance(part, torch.nn.Module): part.compile(dynamic=True)
+    return model
+
+# %% ../nbs/46_batching.ipynb #217b78d5
+def column_major_weights(model:torch.nn.Module, # any model (modified in place)
+                         enable:bool=True, # True: store W^T contiguous; False: back to row-major
+                        ) -> torch.nn.Module: # the same model
+    "Opt-in, for CPU inference: store every float32 `nn.Linear` weight column-major (fast products of a few rows), or back."
+    if not isinstance(model, torch.nn.Module): raise TypeError(f"column_major_weights needs an nn.Module, got {type(model).__name__}")
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, torch.nn.Linear) or weight is None or weight.dtype != torch.float32: continue
+        if enable and not weight.t().is_contiguous(): weight.data = weight.data.t().contiguous().t()   # (N, K) view of W^T
+        elif not enable and not weight.is_contiguous(): weight.data = weight.data.contiguous()          # (N, K) row-major
     return model

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from llm_book.batching import compile_decode, generate_batch, pad_left
+from llm_book.batching import column_major_weights, compile_decode, generate_batch, pad_left
 from llm_book.core.generation import next_token_probs, sample_next_token
 from llm_book.gguf import load_gguf, smollm2_path
 from llm_book.models.configs import get_config
@@ -190,3 +190,50 @@ def test_compiled_decode_agrees_with_eager():
     assert generate_batch(compiled, prompts, 6) == generate_batch(model, prompts, 6)
     with torch.no_grad():
         assert torch.allclose(compiled(PROMPT), model(PROMPT), atol=1e-5)
+
+
+# --- column-major weights (opt-in layout for products of a few rows) -------------------------------------------
+
+@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
+def test_column_major_weights_keep_the_engine_guarantees(name):
+    "Same values, logits to float32 rounding; speculative = plain greedy and batch = alone hold in the new layout."
+    torch.manual_seed(0)
+    model = tiny(name)
+    reference = copy.deepcopy(model)
+    column_major_weights(model)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.t().is_contiguous() and not m.weight.is_contiguous() for m in linears)
+    for (key, ours), theirs in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(ours, theirs), key
+    with torch.no_grad():
+        assert torch.allclose(model(PROMPT), reference(PROMPT), atol=1e-5)
+    plain = model.generate(PROMPT, max_new_tokens=20)
+    assert torch.equal(speculative_generate(model, PROMPT, 20, tiny(name, num_layers=1), 4), plain)
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [6, 5], [3, 5, 8]]
+    alone = [model.generate(torch.tensor([p]), max_new_tokens=8)[0, len(p):].tolist() for p in prompts]
+    assert generate_batch(model, prompts, 8) == alone
+    fresh = tiny(name)                                          # its state_dict loads into a row-major model
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(fresh(PROMPT), reference(PROMPT), atol=1e-5)
+    column_major_weights(model, enable=False)
+    assert all(m.weight.is_contiguous() for m in linears)
+    with pytest.raises(TypeError, match="needs an nn.Module"):
+        column_major_weights("model")
+
+
+def test_column_major_weights_smollm2(smollm2):
+    "The real model in the benchmarks' layout: logits near the default layout's, speculative and batched tokens unchanged."
+    model, tokenizer = smollm2
+    column = column_major_weights(copy.deepcopy(model))
+    assert column.lm_head.weight is column.token_embeddings.weight      # the tied matrix stays one
+    ids = torch.tensor([tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Repeat exactly: red, green, blue, red, green, blue."}], add_generation_prompt=True)])
+    with torch.no_grad():
+        assert (column(ids) - model(ids)).abs().max() < 1e-3             # float32 rounding over 30 layers
+    plain = column.generate(ids, max_new_tokens=12)
+    assert torch.equal(speculative_generate(column, ids, 12, truncated_model(column, 10), 4), plain)
+    prompts = [ids[0].tolist(), tokenizer.apply_chat_template([{"role": "user", "content": "Name a color."}],
+                                                              add_generation_prompt=True)]
+    alone = [column.generate(torch.tensor([p]), max_new_tokens=8)[0, len(p):].tolist() for p in prompts]
+    assert generate_batch(column, prompts, 8) == alone
