@@ -68,8 +68,8 @@ def column_major_weights(model:torch.nn.Module, # any model (modified in place)
     "Opt-in, for CPU inference: store every float32 `nn.Linear` weight column-major (fast products of a few rows), or back."
     if not isinstance(model, torch.nn.Module): raise TypeError(f"column_major_weights needs an nn.Module, got {type(model).__name__}")
     for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if not isinstance(module, torch.nn.Linear) or weight is None or weight.dtype != torch.float32: continue
+        if not isinstance(module, torch.nn.Linear) or module.weight.dtype != torch.float32: continue
+        weight = module.weight
         if enable and not weight.t().is_contiguous(): weight.data = weight.data.t().contiguous().t()   # (N, K) view of W^T
         elif not enable and not weight.is_contiguous(): weight.data = weight.data.contiguous()          # (N, K) row-major
     return model
