@@ -1,17 +1,19 @@
 """Weight-only int8/int4 on SmolLM2-135M-Instruct: decode speed against our fp16 and llama.cpp, perplexity side by side.
 
-Contenders (greedy decode, batch 1, one process): llm_book in float16, int8 and int4 (`load_gguf(dtype=...)`, chapter 43)
+Contenders (greedy decode, batch 1, one process): llm_book in float16, int8 and int4 (`load_gguf(dtype=...)`, chapter 43;
+the int4 model with its decode step compiled, `compile_decode` of chapter 46, and the same int4 model eager beside it)
 and llama.cpp (llama-cpp-python) on the same Q4_1 GGUF file. They take turns round by round; each ratio is the median over rounds of
 that round's ratio (both sides measured back to back, under the same load), which keeps it fair on a shared, noisy machine. Then the perplexity of a held-out slice of tiny-shakespeare
 (chapter 44: same tokens, same windows) for float32, int8, int4 and llama.cpp. Then speculative greedy decoding
 (chapter 45): the int4 model drafts `--num-draft` tokens per round for the float32 model, against plain float32 greedy,
-on the prompts of `benchmarks/speculative.py`; the tokens must be identical. The float32 model (perplexity and
+on the prompts of `benchmarks/speculative.py` (the draft is the compiled int4 model); the tokens must be identical. The float32 model (perplexity and
 speculative) stores its weights column-major (`column_major_weights`, chapter 46) unless `--layout row`. Prints a table, the measured memory
 bandwidth and the bound it sets (tok/s <= bandwidth / weight bytes read per token), and ends with one line:
 
     int4_vs_llamacpp=... int8_vs_fp16=... ppl_fp32=... ppl_int8=... ppl_int4=... ppl_llamacpp=... spec_speedup=... spec_identical=...
 
-    python benchmarks/quantize.py [--new-tokens 64] [--rounds 3] [--threads 1] [--ppl-tokens 512] [--context 256] [--num-draft 10] [--layout column|row]
+    python benchmarks/quantize.py [--new-tokens 64] [--rounds 3] [--threads 1] [--ppl-tokens 512] [--context 256] [--num-draft 10]
+                                  [--layout column|row] [--no-compile]
 
 Targets (issue 16): int4 >= 0.8x llama.cpp tok/s, int8 >= 1.5x our fp16; perplexity int8 within 1% of fp32, int4 within
 5% and no worse than llama.cpp's by more than 2%; speculative >= 1.5x plain float32 greedy, tokens identical.
@@ -27,7 +29,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch
 
-from llm_book.batching import column_major_weights
+from llm_book.batching import column_major_weights, compile_decode
 from llm_book.chat import stop_token_ids
 from llm_book.evaluate import LlamaCppLogits, perplexity
 from llm_book.gguf import load_gguf, smollm2_path
@@ -78,15 +80,23 @@ def main():
     parser.add_argument("--num-draft", type=int, default=10, help="tokens the int4 draft guesses per round")
     parser.add_argument("--layout", choices=["column", "row"], default="column",
                         help="the float32 model's weight order (chapter 46's column_major_weights, or nn.Linear's own)")
+    parser.add_argument("--no-compile", action="store_true", help="keep the int4 model eager (no compile_decode)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     has_llamacpp = importlib.util.find_spec("llama_cpp") is not None
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 model {args.layout}-major")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 model {args.layout}-major, "
+          f"int4 decode step {'eager' if args.no_compile else 'compiled'}")
 
     models, tokenizer = {}, None
-    for name, dtype in [("fp32", torch.float32), ("fp16", torch.float16), ("int8", "int8"), ("int4", "int4")]:
+    for name, dtype in [("fp32", torch.float32), ("fp16", torch.float16), ("int8", "int8"), ("int4", "int4"),
+                        ("int4 eager", "int4")]:
+        if name == "int4 eager" and args.no_compile: continue
         models[name], tokenizer = load_gguf(dtype=dtype)
     column_major_weights(models["fp32"], enable=args.layout == "column")
+    if not args.no_compile:
+        start = time.perf_counter()
+        compile_decode(models["int4"]).generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3)   # compiles the graphs
+        print(f"compile_decode(int4): first decode steps (compiling) {time.perf_counter() - start:.1f} s")
     prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}])
     input_ids = torch.tensor([prompt_ids])
     llm = None
@@ -97,7 +107,7 @@ def main():
     else:
         print("llama-cpp-python: not installed, llama.cpp column skipped (pip install llama-cpp-python)")
 
-    names = ["fp16", "int8", "int4"] + (["llama.cpp"] if llm else [])
+    names = ["fp16", "int8"] + ([] if args.no_compile else ["int4 eager"]) + ["int4"] + (["llama.cpp"] if llm else [])
     rounds = {name: [] for name in names}   # tok/s per round; the contenders take turns within each round
     with torch.no_grad():
         for _ in range(args.rounds):
@@ -116,7 +126,9 @@ def main():
         print(f"{name:>10} {rate:13.1f} {max(rounds[name]):11.1f} {wb['bytes_per_weight']:13.3f} {gbs * 1e9 / wb['bytes']:12.1f}")
     print("ratios, median over rounds of each round's ratio: "
           + ", ".join(f"{a}/{b} {round_ratio(a, b):.3f}" for a, b in [("int8", "fp16"), ("int4", "fp16")]
-                      + ([("int4", "llama.cpp"), ("int8", "llama.cpp")] if llm else [])))
+                      + ([] if args.no_compile else [("int4", "int4 eager")])
+                      + ([("int4", "llama.cpp"), ("int8", "llama.cpp")] if llm else [])
+                      + ([("int4 eager", "llama.cpp")] if llm and not args.no_compile else [])))
 
     text = (ROOT / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")[-20_000:]
     held_out = tokenizer.encode(text)[-args.ppl_tokens:]

@@ -4,11 +4,15 @@
 
 # %% ../nbs/46_batching.ipynb #26eab907
 from __future__ import annotations
+import os
+import shutil
+import types
 import torch
+from .core.cached_decoder import CachedDecoder
 from .core.generation import stop_ids
 
 # %% auto #0
-__all__ = ['pad_left', 'generate_batch', 'compile_decode', 'column_major_weights']
+__all__ = ['DECODE_PARTS', 'pad_left', 'generate_batch', 'DecodeStep', 'compile_decode', 'column_major_weights']
 
 # %% ../nbs/46_batching.ipynb #9c721d94
 def pad_left(prompts:list[list[int]], # token ids of each prompt (lengths may differ)
@@ -50,15 +54,53 @@ def generate_batch(model, # a model of the book (anything with `generate`)
         results.append(row[:end])
     return results
 
-# %% ../nbs/46_batching.ipynb #27a6ab31
-def compile_decode(model:torch.nn.Module, # a model of the book (its `layers` hold the blocks)
-                  ) -> torch.nn.Module: # the same model, its blocks' norms and feed-forward compiled in place
-    "Opt-in: `torch.compile` (dynamic shapes) each block's cache-free parts; parameters and state_dict stay as they are."
-    if not hasattr(model, "layers"): raise ValueError(f"compile_decode needs a model of the book with .layers, got {type(model).__name__}")
-    for layer in model.layers:
-        for name in ("attention_norm", "ffn_norm", "feed_forward"):
-            part = getattr(layer, name, None)
-            if isinstance(part, torch.nn.Module): part.compile(dynamic=True)
+# %% ../nbs/46_batching.ipynb #6ab6ce43
+class DecodeStep:
+    "One block's cache-free part: the compiled graph for a decode step (one new token per row, no gradients), else eager."
+    def __init__(self, block:torch.nn.Module, compiled, eager):
+        self.block, self.compiled, self.eager = block, compiled, eager
+
+    def __call__(self, x, # (B, T, C) the block's input
+                 *args):
+        use_graph = x.shape[1] == 1 and not self.block.training and not torch.is_grad_enabled()
+        return (self.compiled if use_graph else self.eager)(self.block, x, *args)
+
+def _own_copy(function):
+    "The same function with its own code object: torch.compile keeps graphs (and its recompile limit) per code object."
+    return types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+                              function.__defaults__, function.__closure__)
+
+def _cpp_compiler() -> str|None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+DECODE_PARTS = ("pre_attention", "post_attention")   # the cache-free methods of `CachedDecoder`
+
+def compile_decode(model:torch.nn.Module, # a model of the book whose blocks are `CachedDecoder`s (modified in place)
+                   enable:bool=True, # True: compile the decode step's cache-free parts; False: back to eager
+                  ) -> torch.nn.Module: # the same model
+    "Opt-in: compile every block's two cache-free parts for decode steps (inductor, C++ wrapper, fixed shapes)."
+    blocks = getattr(model, "layers", None)
+    if not isinstance(blocks, torch.nn.ModuleList):
+        raise ValueError(f"compile_decode needs a model of the book with .layers, got {type(model).__name__}")
+    other = next((type(b).__name__ for b in blocks if not isinstance(b, CachedDecoder)), None)
+    if other is not None:
+        raise ValueError(f"compile_decode compiles CachedDecoder blocks (GPT-2, LLaMA, Mistral, Qwen3, Mixtral); "
+                         f"{type(model).__name__} has {other} blocks")
+    if not enable:
+        for block in blocks:
+            for name in DECODE_PARTS: block.__dict__.pop(name, None)          # the class's eager methods again
+        return model
+    if _cpp_compiler() is None:
+        raise RuntimeError("compile_decode needs a C++ compiler (inductor writes C++ for the CPU): none of $CXX, c++, g++, "
+                           "clang++ was found; install one (e.g. Debian's g++) or keep the model eager")
+    compiled = model.__dict__.get("_decode_graphs")                           # compiled once per model, then reused
+    if compiled is None:
+        compiled = {name: torch.compile(_own_copy(getattr(CachedDecoder, name)), dynamic=False,
+                                        options={"cpp_wrapper": True}) for name in DECODE_PARTS}
+        model.__dict__["_decode_graphs"] = compiled
+    for block in blocks:
+        for name in DECODE_PARTS:   # an instance attribute shadows the method: forward calls it unchanged
+            block.__dict__[name] = DecodeStep(block, compiled[name], getattr(CachedDecoder, name))
     return model
 
 # %% ../nbs/46_batching.ipynb #217b78d5

@@ -46,9 +46,28 @@ class CachedDecoder(nn.Module):
                 layer_idx:int=0, # this block's index in the model (its slot in the cache)
                ):
         "(B, T, C) → (B, T, C): x + attention(norm(x)), then h + FFN(norm(h))."
-        if inputs is None and (x.ndim != 3 or x.shape[-1] != self.embed_dim):   # used on its own: check x
-            raise ValueError(f"x must have shape (B, T, embed_dim={self.embed_dim}), got {tuple(x.shape)}")
-        attended = self.attention(self.attention_norm(x), attention_mask, positions, kv_cache, inputs, layer_idx)
+        if inputs is None:   # used on its own: check x and the arguments, describe this one step here
+            if x.ndim != 3 or x.shape[-1] != self.embed_dim:
+                raise ValueError(f"x must have shape (B, T, embed_dim={self.embed_dim}), got {tuple(x.shape)}")
+            inputs = self.attention.step_inputs(x, attention_mask, positions, kv_cache)
+            out = self.forward(x, inputs=inputs, layer_idx=layer_idx)
+            if kv_cache is not None: kv_cache.commit()
+            return out
+        q, k, v = self.pre_attention(x, inputs.rope_cos_sin)                  # norm → q, k, v: no cache involved
+        attended = self.attention.attend_cached(q, k, v, inputs, layer_idx)   # (B, T, H * hd): store k, v; attend
+        return self.post_attention(x, attended)                               # (B, T, C)
+
+    def pre_attention(self, x, # (B, T, C) the residual stream
+                      rope_cos_sin=None, # (cos, sin) of the new positions, or None (no RoPE)
+                     ):
+        "The cache-free first part: norm, then the attention's q (B, H, T, hd), k and v (B, KVH, T, hd)."
+        return self.attention.project(self.attention_norm(x), rope_cos_sin)
+
+    def post_attention(self, x, # (B, T, C) the residual stream
+                       attended, # (B, T, H * hd) the attention's heads, before its output projection
+                      ):
+        "The cache-free second part: output projection and residual, then norm → feed-forward → residual."
+        attended = self.attention.out_proj(attended)                                   # (B, T, C)
         if self.training: attended = self.attention_dropout(attended)                  # (no-op at inference: skip the call)
         x = x + attended                                                                # (B, T, C)
         return x + self.feed_forward(self.ffn_norm(x))                                  # (B, T, C)

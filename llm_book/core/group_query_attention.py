@@ -133,6 +133,54 @@ def attention_inputs(
 
 # %% ../../nbs/07_group_query_attention.ipynb #7499e4f9
 @patch
+def step_inputs(self:GroupQueryAttention,
+                x:torch.Tensor, # (B, T, C) features of the T new tokens
+                attention_mask:torch.Tensor|None=None, # (B, T) bool for the new tokens, True = real token
+                positions:torch.Tensor|None=None, # (T,) or (B, T) int64 absolute positions of the new tokens
+                kv_cache=None, # a KV cache (`core.kv_cache`), or None
+               ) -> AttentionInputs:
+    "A call on its own (no model around it): check the arguments and describe this one step (the cache's step starts)."
+    B, T, _ = check_hidden_states(x, self.embed_dim)
+    if attention_mask is not None: check_attention_mask(attention_mask, B, T)
+    if positions is not None: check_positions(positions, B, T)
+    return attention_inputs(B, T, x.device, attention_mask, positions, kv_cache, self.window_size, self.rope)
+
+@patch
+def project(self:GroupQueryAttention,
+            x:torch.Tensor, # (B, T, C) features of the T new tokens
+            rope_cos_sin:tuple|None=None, # (cos, sin) of the new positions (`AttentionInputs.rope_cos_sin`); None without RoPE
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: # q (B, H, T, hd); k, v (B, KVH, T, hd)
+    "The cache-free first half: one projection split into heads, then QK-norm and RoPE on q and k."
+    B, T, _ = x.shape
+    H, KVH, hd = self.num_heads, self.num_kv_heads, self.head_dim
+    heads = self.qkv_proj(x).view(B, T, H + 2 * KVH, hd).transpose(1, 2)          # (B, H + 2 KVH, T, hd): [q | k | v]
+    q, k, v = heads.split([H, KVH, KVH], dim=1)                                   # (B, H, T, hd), (B, KVH, T, hd) x 2
+    if self.qk_norm is not None: q, k = self.qk_norm(q, k)                         # per-head norms (chapter 14)
+    if self.rope is not None:
+        cos, sin = rope_cos_sin                                                   # computed once per forward
+        if self.qk_norm is None:   # q and k are neighbours in `heads`: rotate them in one call (half the small ops)
+            q, k = apply_rope(heads[:, :H + KVH], cos, sin, self.rope.interleaved).split([H, KVH], dim=1)
+        else:
+            q, k = apply_rope(q, cos, sin, self.rope.interleaved), apply_rope(k, cos, sin, self.rope.interleaved)
+    return q, k, v
+
+@patch
+def attend_cached(self:GroupQueryAttention,
+                  q:torch.Tensor, # (B, H, T, hd) queries of the new tokens
+                  k:torch.Tensor, # (B, KVH, T, hd) their keys
+                  v:torch.Tensor, # (B, KVH, T, hd) their values
+                  inputs:AttentionInputs, # this step's positions, masks and cache
+                  layer_idx:int=0, # this layer's slot in the cache
+                 ) -> torch.Tensor: # (B, T, H * hd): the heads side by side, before `out_proj`
+    "The second half, which needs the cache: store k and v, attend over every key the new queries may see."
+    if inputs.kv_cache is not None:
+        cached = inputs.kv_cache.update(layer_idx, k, v)                          # (B, KVH, S, hd) each
+        if not inputs.is_causal: k, v = cached    # causal: the cache was empty, keep the fresh keys in their order
+    out = self.attend(q, k, v, inputs)                                            # (B, H, T, hd)
+    B, H, T, hd = out.shape
+    return out.transpose(1, 2).reshape(B, T, H * hd)                              # (B, T, H * hd)
+
+@patch
 def forward(self:GroupQueryAttention,
             x:torch.Tensor, # (B, T, C) features of the T new tokens
             attention_mask:torch.Tensor|None=None, # (B, T) bool for the new tokens, True = real token
@@ -143,29 +191,12 @@ def forward(self:GroupQueryAttention,
            ) -> torch.Tensor: # (B, T, C)
     "Attend from the new tokens to themselves and to the cached keys (masking by position, padding and window)."
     if inputs is None:   # used on its own: check the arguments and describe this one step here
-        B, T, _ = check_hidden_states(x, self.embed_dim)
-        if attention_mask is not None: check_attention_mask(attention_mask, B, T)
-        if positions is not None: check_positions(positions, B, T)
-        inputs = attention_inputs(B, T, x.device, attention_mask, positions, kv_cache, self.window_size, self.rope)
+        inputs = self.step_inputs(x, attention_mask, positions, kv_cache)
         out = self.forward(x, inputs=inputs, layer_idx=layer_idx)
         if kv_cache is not None: kv_cache.commit()
         return out
-    B, T, _ = x.shape
-    H, KVH, hd = self.num_heads, self.num_kv_heads, self.head_dim
-    heads = self.qkv_proj(x).view(B, T, H + 2 * KVH, hd).transpose(1, 2)          # (B, H + 2 KVH, T, hd): [q | k | v]
-    q, k, v = heads.split([H, KVH, KVH], dim=1)                                   # (B, H, T, hd), (B, KVH, T, hd) x 2
-    if self.qk_norm is not None: q, k = self.qk_norm(q, k)                         # per-head norms (chapter 14)
-    if self.rope is not None:
-        cos, sin = inputs.rope_cos_sin                                            # computed once per forward
-        if self.qk_norm is None:   # q and k are neighbours in `heads`: rotate them in one call (half the small ops)
-            q, k = apply_rope(heads[:, :H + KVH], cos, sin, self.rope.interleaved).split([H, KVH], dim=1)
-        else:
-            q, k = apply_rope(q, cos, sin, self.rope.interleaved), apply_rope(k, cos, sin, self.rope.interleaved)
-    if inputs.kv_cache is not None:
-        cached = inputs.kv_cache.update(layer_idx, k, v)                          # (B, KVH, S, hd) each
-        if not inputs.is_causal: k, v = cached    # causal: the cache was empty, keep the fresh keys in their order
-    out = self.attend(q, k, v, inputs)                                            # (B, H, T, hd)
-    return self.out_proj(out.transpose(1, 2).reshape(B, T, H * hd))               # (B, T, C)
+    q, k, v = self.project(x, inputs.rope_cos_sin)                                # (B, H, T, hd), (B, KVH, T, hd) x 2
+    return self.out_proj(self.attend_cached(q, k, v, inputs, layer_idx))          # (B, T, C)
 
 # %% ../../nbs/07_group_query_attention.ipynb #34abbf1b
 @patch
