@@ -12,7 +12,7 @@ from .core.cached_decoder import CachedDecoder
 from .core.generation import stop_ids
 
 # %% auto #0
-__all__ = ['DECODE_PARTS', 'pad_left', 'generate_batch', 'DecodeStep', 'compile_decode', 'column_major_weights']
+__all__ = ['pad_left', 'generate_batch', 'CompiledDecode', 'compile_decode', 'column_major_weights']
 
 # %% ../nbs/46_batching.ipynb #9c721d94
 def pad_left(prompts:list[list[int]], # token ids of each prompt (lengths may differ)
@@ -55,52 +55,71 @@ def generate_batch(model, # a model of the book (anything with `generate`)
     return results
 
 # %% ../nbs/46_batching.ipynb #6ab6ce43
-class DecodeStep:
-    "One block's cache-free part: the compiled graph for a decode step (one new token per row, no gradients), else eager."
-    def __init__(self, block:torch.nn.Module, compiled, eager):
-        self.block, self.compiled, self.eager = block, compiled, eager
+def _first(block, x, rope_cos_sin):
+    "Graph 1: block 0 up to its attention — norm, q, k, v."
+    return block.pre_attention(x, rope_cos_sin)
 
-    def __call__(self, x, # (B, T, C) the block's input
-                 *args):
-        use_graph = x.shape[1] == 1 and not self.block.training and not torch.is_grad_enabled()
-        return (self.compiled if use_graph else self.eager)(self.block, x, *args)
+def _between(block, next_block, x, attended, rope_cos_sin):
+    "Graph 2: the rest of block i after its attention, then block i + 1 up to its attention."
+    x = block.post_attention(x, attended)                                    # (B, 1, C)
+    return x, next_block.pre_attention(x, rope_cos_sin)
+
+def _last(block, x, attended):
+    "Graph 3: the rest of the last block."
+    return block.post_attention(x, attended)
+
+class CompiledDecode:
+    "A model's blocks for a decode step (one new token per row, no gradients) as compiled graphs around the cache calls."
+    def __init__(self, model:torch.nn.Module, # the model whose `run_blocks` this replaces
+                 graphs:dict, # "first", "between", "last": compiled `_first`, `_between`, `_last`
+                ):
+        self.model, self.graphs = model, graphs
+
+    def __call__(self, x, # (B, T, C) the embedded tokens
+                 inputs, # this step's `AttentionInputs`
+                ) -> torch.Tensor: # (B, T, C)
+        model = self.model
+        if x.shape[1] != 1 or model.training or torch.is_grad_enabled():
+            return type(model).run_blocks(model, x, inputs)                   # prefill, training: the eager blocks
+        blocks, cos_sin, graphs = model.layers, inputs.rope_cos_sin, self.graphs
+        q, k, v = graphs["first"](blocks[0], x, cos_sin)
+        for i, block in enumerate(blocks):
+            attended = block.attention.attend_cached(q, k, v, inputs, i)       # (B, 1, H * hd): the cache, eager
+            if i + 1 < len(blocks): x, (q, k, v) = graphs["between"](block, blocks[i + 1], x, attended, cos_sin)
+            else: x = graphs["last"](block, x, attended)
+        return x
 
 def _own_copy(function):
-    "The same function with its own code object: torch.compile keeps graphs (and its recompile limit) per code object."
-    return types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+    "The same function with its own code object and globals: torch.compile keeps graphs (and its recompile limit) per code object."
+    return types.FunctionType(function.__code__.replace(), dict(function.__globals__), function.__name__,
                               function.__defaults__, function.__closure__)
 
 def _cpp_compiler() -> str|None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
-DECODE_PARTS = ("pre_attention", "post_attention")   # the cache-free methods of `CachedDecoder`
-
 def compile_decode(model:torch.nn.Module, # a model of the book whose blocks are `CachedDecoder`s (modified in place)
-                   enable:bool=True, # True: compile the decode step's cache-free parts; False: back to eager
+                   enable:bool=True, # True: compile the decode step; False: back to the eager blocks
                   ) -> torch.nn.Module: # the same model
-    "Opt-in: compile every block's two cache-free parts for decode steps (inductor, C++ wrapper, fixed shapes)."
+    "Opt-in: run decode steps through compiled graphs that span from one block's attention to the next (inductor, C++ wrapper)."
     blocks = getattr(model, "layers", None)
-    if not isinstance(blocks, torch.nn.ModuleList):
-        raise ValueError(f"compile_decode needs a model of the book with .layers, got {type(model).__name__}")
+    if not isinstance(blocks, torch.nn.ModuleList) or not callable(getattr(model, "run_blocks", None)):
+        raise ValueError(f"compile_decode needs a model of the book (with .layers and run_blocks), got {type(model).__name__}")
     other = next((type(b).__name__ for b in blocks if not isinstance(b, CachedDecoder)), None)
     if other is not None:
         raise ValueError(f"compile_decode compiles CachedDecoder blocks (GPT-2, LLaMA, Mistral, Qwen3, Mixtral); "
                          f"{type(model).__name__} has {other} blocks")
     if not enable:
-        for block in blocks:
-            for name in DECODE_PARTS: block.__dict__.pop(name, None)          # the class's eager methods again
+        model.__dict__.pop("run_blocks", None)                                # the class's eager loop again
         return model
     if _cpp_compiler() is None:
         raise RuntimeError("compile_decode needs a C++ compiler (inductor writes C++ for the CPU): none of $CXX, c++, g++, "
                            "clang++ was found; install one (e.g. Debian's g++) or keep the model eager")
-    compiled = model.__dict__.get("_decode_graphs")                           # compiled once per model, then reused
-    if compiled is None:
-        compiled = {name: torch.compile(_own_copy(getattr(CachedDecoder, name)), dynamic=False,
-                                        options={"cpp_wrapper": True}) for name in DECODE_PARTS}
-        model.__dict__["_decode_graphs"] = compiled
-    for block in blocks:
-        for name in DECODE_PARTS:   # an instance attribute shadows the method: forward calls it unchanged
-            block.__dict__[name] = DecodeStep(block, compiled[name], getattr(CachedDecoder, name))
+    graphs = model.__dict__.get("_decode_graphs")                              # compiled once per model, then reused
+    if graphs is None:
+        graphs = {name: torch.compile(_own_copy(function), dynamic=False, options={"cpp_wrapper": True})
+                  for name, function in (("first", _first), ("between", _between), ("last", _last))}
+        model.__dict__["_decode_graphs"] = graphs
+    model.__dict__["run_blocks"] = CompiledDecode(model, graphs)   # an instance attribute: forward calls it unchanged
     return model
 
 # %% ../nbs/46_batching.ipynb #217b78d5

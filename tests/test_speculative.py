@@ -182,19 +182,22 @@ def test_generate_batch_bad_input():
 
 @pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny", "mistral-tiny", "qwen3-tiny"])
 def test_compiled_decode_agrees_with_eager(name):
-    "compile_decode (opt-in): the decode step's graph gives eager's logits and tokens, batched and not; prefill stays eager."
+    "compile_decode (opt-in): the decode step's graphs give eager's logits and tokens, batched and not; prefill stays eager."
+    from torch._dynamo.utils import counters
     torch.manual_seed(0)
     if name == "qwen3-tiny":
         from llm_book.models.qwen3 import Qwen3
-        model = Qwen3(get_config(name)).eval()
+        model = Qwen3(get_config(name, num_layers=4)).eval()
     else:
-        model = tiny(name)
+        model = tiny(name, num_layers=4)
     compiled = compile_decode(copy.deepcopy(model))
     assert compiled.state_dict().keys() == model.state_dict().keys()      # nothing renamed, nothing added
-    assert all(type(block.__dict__["post_attention"]).__name__ == "DecodeStep" for block in compiled.layers)
+    assert type(compiled.__dict__["run_blocks"]).__name__ == "CompiledDecode"
+    graphs_before = counters["stats"]["unique_graphs"]
+    assert torch.equal(compiled.generate(PROMPT, max_new_tokens=10), model.generate(PROMPT, max_new_tokens=10))
+    assert counters["stats"]["unique_graphs"] - graphs_before == 3         # first, between, last: shared by all 4 blocks
     prompts = [[3, 1, 4, 1, 5], [9, 2]]
     assert generate_batch(compiled, prompts, 6) == generate_batch(model, prompts, 6)
-    assert torch.equal(compiled.generate(PROMPT, max_new_tokens=10), model.generate(PROMPT, max_new_tokens=10))
     with torch.no_grad():
         assert torch.allclose(compiled(PROMPT), model(PROMPT), atol=1e-5)            # prefill: the eager code
         _, cache = compiled(PROMPT, use_cache=True)
@@ -205,11 +208,11 @@ def test_compiled_decode_agrees_with_eager(name):
     compiled(PROMPT[:, :1]).sum().backward()
     assert compiled.layers[0].feed_forward.down_proj.weight.grad is not None
     compile_decode(compiled, enable=False)
-    assert not any(name in block.__dict__ for block in compiled.layers for name in ("pre_attention", "post_attention"))
+    assert "run_blocks" not in compiled.__dict__
 
 
 def test_compiled_decode_bad_input():
-    with pytest.raises(ValueError, match="compile_decode needs a model of the book with .layers"):
+    with pytest.raises(ValueError, match="compile_decode needs a model of the book"):
         compile_decode(torch.nn.Linear(2, 2))
     from llm_book.models.gemma3 import Gemma3
     with pytest.raises(ValueError, match="compile_decode compiles CachedDecoder blocks.*Gemma3"):

@@ -176,14 +176,21 @@ def forward(self:BaseModel, input_ids, # (B, T) int64
     inputs = self.prepare_inputs(input_ids, attention_mask, cache, use_cache, logits_to_keep)  # every check, once
     cache = inputs.kv_cache
     try:
-        x = self.embed(input_ids, inputs.positions)                          # (B, T, C)
-        for layer_idx, layer in enumerate(self.layers):
-            x = layer(x, inputs=inputs, layer_idx=layer_idx)                 # (B, T, C): no checks inside
+        x = self.run_blocks(self.embed(input_ids, inputs.positions), inputs)   # (B, T, C)
     except BaseException:
         if cache is not None: cache.rollback()                               # a failed call leaves the cache as it was
         raise
     if cache is not None: cache.commit(); cache.owner = self._cache_owner
     return self.output(x, cache, logits_to_keep)
+
+@patch
+def run_blocks(self:BaseModel, x, # (B, T, C) the embedded tokens
+               inputs:AttentionInputs, # this step's positions, masks and cache, shared by every block
+              ) -> torch.Tensor: # (B, T, C) after the last block
+    "The blocks in order, each with its slot in the cache (chapter 46's `compile_decode` brackets them differently)."
+    for layer_idx, layer in enumerate(self.layers):
+        x = layer(x, inputs=inputs, layer_idx=layer_idx)                     # (B, T, C): no checks inside
+    return x
 
 @patch
 def output(self:BaseModel, x, # (B, T, C) hidden states after the last layer
