@@ -1,12 +1,13 @@
 """Weight-only int8/int4 on SmolLM2-135M-Instruct: decode speed against our fp16 and llama.cpp, perplexity side by side.
 
-Contenders (greedy decode, batch 1, one process): llm_book in float16, int8 and int4 (`load_gguf(dtype=...)`, chapter 43;
-the int4 model with its decode step compiled, `compile_decode` of chapter 46, and the same int4 model eager beside it)
+Contenders (greedy decode, batch 1, one process): llm_book in float16, int8 and int4 (`load_gguf(dtype=...)`, chapter 43),
+each with its decode step compiled (`compile_decode`, chapter 46) and eager (the same model, the graphs switched off),
 and llama.cpp (llama-cpp-python) on the same Q4_1 GGUF file. They take turns round by round; each ratio is the median over rounds of
 that round's ratio (both sides measured back to back, under the same load), which keeps it fair on a shared, noisy machine. Then the perplexity of a held-out slice of tiny-shakespeare
 (chapter 44: same tokens, same windows) for float32, int8, int4 and llama.cpp. Then speculative greedy decoding
-(chapter 45): the int4 model drafts `--num-draft` tokens per round for the float32 model, against plain float32 greedy,
-on the prompts of `benchmarks/speculative.py` (the draft is the compiled int4 model); the tokens must be identical. The float32 model (perplexity and
+(chapter 45): the compiled int4 model drafts `--num-draft` tokens per round for the float32 model, against plain float32
+greedy compiled the same way (`spec_speedup`) and eager, on the prompts of `benchmarks/speculative.py`; the tokens must be
+identical. `--no-compile` runs everything eager. The float32 model (perplexity and
 speculative) stores its weights column-major (`column_major_weights`, chapter 46) unless `--layout row`. Prints a table, the measured memory
 bandwidth and the bound it sets (tok/s <= bandwidth / weight bytes read per token), and ends with one line:
 
@@ -15,7 +16,7 @@ bandwidth and the bound it sets (tok/s <= bandwidth / weight bytes read per toke
     python benchmarks/quantize.py [--new-tokens 64] [--rounds 3] [--threads 1] [--ppl-tokens 512] [--context 256] [--num-draft 10]
                                   [--layout column|row] [--no-compile]
 
-Targets (issue 16): int4 >= 0.8x llama.cpp tok/s, int8 >= 1.5x our fp16; perplexity int8 within 1% of fp32, int4 within
+Targets (issue 16): int4 >= 0.8x llama.cpp tok/s, int8 >= 1.5x our fp16 (both compiled: like with like); perplexity int8 within 1% of fp32, int4 within
 5% and no worse than llama.cpp's by more than 2%; speculative >= 1.5x plain float32 greedy, tokens identical.
 """
 import argparse
@@ -41,8 +42,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "Write a short story about a robot who learns to paint."
 
 
-def decode_ours(model, input_ids, new_tokens):
-    "Decode tokens/s after the first token (the first one pays for the prompt)."
+def decode_ours(model, input_ids, new_tokens, compiled=False):
+    "Decode tokens/s after the first token (the first one pays for the prompt), with the compiled decode step or eager."
+    if "_decode_graphs" in model.__dict__: compile_decode(model, enable=compiled)   # graphs kept: switching is free
     first, count = None, 0
     for _ in model.stream(input_ids, max_new_tokens=new_tokens):
         count += 1
@@ -80,23 +82,22 @@ def main():
     parser.add_argument("--num-draft", type=int, default=10, help="tokens the int4 draft guesses per round")
     parser.add_argument("--layout", choices=["column", "row"], default="column",
                         help="the float32 model's weight order (chapter 46's column_major_weights, or nn.Linear's own)")
-    parser.add_argument("--no-compile", action="store_true", help="keep the int4 model eager (no compile_decode)")
+    parser.add_argument("--no-compile", action="store_true", help="everything eager (no compile_decode)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     has_llamacpp = importlib.util.find_spec("llama_cpp") is not None
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 model {args.layout}-major, "
-          f"int4 decode step {'eager' if args.no_compile else 'compiled'}")
+          f"decode steps {'eager only' if args.no_compile else 'compiled and eager'}")
 
     models, tokenizer = {}, None
-    for name, dtype in [("fp32", torch.float32), ("fp16", torch.float16), ("int8", "int8"), ("int4", "int4"),
-                        ("int4 eager", "int4")]:
-        if name == "int4 eager" and args.no_compile: continue
+    for name, dtype in [("fp32", torch.float32), ("fp16", torch.float16), ("int8", "int8"), ("int4", "int4")]:
         models[name], tokenizer = load_gguf(dtype=dtype)
     column_major_weights(models["fp32"], enable=args.layout == "column")
     if not args.no_compile:
-        start = time.perf_counter()
-        compile_decode(models["int4"]).generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3)   # compiles the graphs
-        print(f"compile_decode(int4): first decode steps (compiling) {time.perf_counter() - start:.1f} s")
+        for name, model in models.items():
+            start = time.perf_counter()
+            compile_decode(model).generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3)   # compiles the graphs
+            print(f"compile_decode({name}): first decode steps (compiling) {time.perf_counter() - start:.1f} s")
     prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}])
     input_ids = torch.tensor([prompt_ids])
     llm = None
@@ -107,13 +108,16 @@ def main():
     else:
         print("llama-cpp-python: not installed, llama.cpp column skipped (pip install llama-cpp-python)")
 
-    names = ["fp16", "int8"] + ([] if args.no_compile else ["int4 eager"]) + ["int4"] + (["llama.cpp"] if llm else [])
+    # contender -> (model, compiled?); "fp16" etc. are the compiled decode steps unless --no-compile
+    ours = {name: (name, not args.no_compile) for name in ("fp16", "int8", "int4")}
+    if not args.no_compile: ours.update({f"{name} eager": (name, False) for name in ("fp16", "int8", "int4")})
+    names = list(ours) + (["llama.cpp"] if llm else [])
     rounds = {name: [] for name in names}   # tok/s per round; the contenders take turns within each round
     with torch.no_grad():
         for _ in range(args.rounds):
             for name in names:
                 rounds[name].append(decode_llamacpp(llm, prompt_ids, args.new_tokens) if name == "llama.cpp"
-                                    else decode_ours(models[name], input_ids, args.new_tokens))
+                                    else decode_ours(models[ours[name][0]], input_ids, args.new_tokens, ours[name][1]))
     speed = {name: statistics.median(r) for name, r in rounds.items()}
     # a ratio per round (both sides measured back to back, under the same load), then the median over rounds
     round_ratio = lambda a, b: statistics.median(x / y for x, y in zip(rounds[a], rounds[b]))
@@ -122,13 +126,13 @@ def main():
     print(f"{'model':>10} {'median tok/s':>13} {'best tok/s':>11} {'bytes/weight':>13} {'bound tok/s':>12}")
     for name, rate in speed.items():
         if name == "llama.cpp": print(f"{name:>10} {rate:13.1f} {max(rounds[name]):11.1f} {'':>13} {'':>12}"); continue
-        wb = weight_bytes(models[name])
+        wb = weight_bytes(models[ours[name][0]])
         print(f"{name:>10} {rate:13.1f} {max(rounds[name]):11.1f} {wb['bytes_per_weight']:13.3f} {gbs * 1e9 / wb['bytes']:12.1f}")
     print("ratios, median over rounds of each round's ratio: "
           + ", ".join(f"{a}/{b} {round_ratio(a, b):.3f}" for a, b in [("int8", "fp16"), ("int4", "fp16")]
-                      + ([] if args.no_compile else [("int4", "int4 eager")])
                       + ([("int4", "llama.cpp"), ("int8", "llama.cpp")] if llm else [])
-                      + ([("int4 eager", "llama.cpp")] if llm and not args.no_compile else [])))
+                      + ([] if args.no_compile else [(f"{n}", f"{n} eager") for n in ("fp16", "int8", "int4")]
+                         + [("int8 eager", "fp16 eager")] + ([("int4 eager", "llama.cpp")] if llm else []))))
 
     text = (ROOT / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")[-20_000:]
     held_out = tokenizer.encode(text)[-args.ppl_tokens:]
@@ -145,22 +149,30 @@ def main():
     # speculative greedy decoding: the int4 model drafts for the float32 model; per round, both on every prompt
     stops = sorted(stop_token_ids(tokenizer))
     prompts = [torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)]) for text in SPEC_PROMPTS]
-    seconds, identical = {"plain": [], "speculative": []}, True
+    fp32, draft = models["fp32"], models["int4"]
+    if not args.no_compile: compile_decode(draft)                              # the draft's decode steps compiled
+    plains = {"plain": not args.no_compile} | ({} if args.no_compile else {"plain eager": False})
+    seconds, identical = {name: [] for name in [*plains, "speculative"]}, True
     with torch.no_grad():
         for _ in range(args.rounds):
-            spent = {"plain": 0.0, "speculative": 0.0}
+            spent = {name: 0.0 for name in seconds}
             for ids in prompts:
+                for name, compiled in plains.items():   # plain float32 greedy, compiled like the draft (and eager)
+                    if not args.no_compile: compile_decode(fp32, enable=compiled)
+                    start = time.perf_counter()
+                    plain = fp32.generate(ids, max_new_tokens=args.new_tokens, eos_token_id=stops)
+                    spent[name] += time.perf_counter() - start
                 start = time.perf_counter()
-                plain = models["fp32"].generate(ids, max_new_tokens=args.new_tokens, eos_token_id=stops)
-                spent["plain"] += time.perf_counter() - start
-                start = time.perf_counter()
-                fast = speculative_generate(models["fp32"], ids, args.new_tokens, models["int4"], args.num_draft, eos_token_id=stops)
+                fast = speculative_generate(fp32, ids, args.new_tokens, draft, args.num_draft, eos_token_id=stops)
                 spent["speculative"] += time.perf_counter() - start
                 identical &= torch.equal(plain, fast)
             for name in spent: seconds[name].append(spent[name])
-    spec_speedup = statistics.median(p / s for p, s in zip(seconds["plain"], seconds["speculative"]))
-    print(f"speculative greedy, int4 draft guessing {args.num_draft} per round, {len(prompts)} prompts: "
-          f"{spec_speedup:.2f}x plain float32 greedy (median over rounds), tokens identical: {identical}")
+    speedup = {name: statistics.median(p / s for p, s in zip(seconds[name], seconds["speculative"])) for name in plains}
+    spec_speedup = speedup["plain"]
+    print(f"speculative greedy, {'compiled ' if not args.no_compile else ''}int4 draft guessing {args.num_draft} per round, "
+          f"{len(prompts)} prompts (median over rounds): {spec_speedup:.2f}x plain float32 greedy"
+          + ("" if args.no_compile else f" compiled, {speedup['plain eager']:.2f}x plain float32 greedy eager")
+          + f"; tokens identical: {identical}")
 
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"
     figures = dict(int4_vs_llamacpp=round_ratio("int4", "llama.cpp") if llm else None,
