@@ -73,6 +73,8 @@ def parse_args(argv: list[str]|None=None) -> argparse.Namespace:
     parser.add_argument("--draft", choices=["int4", "ngram"], default=None, help="speculative decoding (chapter 45): int4 = the "
                         "same model in int4 guesses, ngram = prompt lookup guesses; the model checks every guess")
     parser.add_argument("--num-draft", type=int, default=4, help="guesses per speculative round (with --draft)")
+    parser.add_argument("--compile", action="store_true", help="compile the decode step (chapter 46's compile_decode): faster, "
+                        "most with int4/int8 weights; needs a C++ compiler; the first reply pays seconds of compiling")
     args = parser.parse_args(argv)
     if args.num_draft < 1: parser.error(f"--num-draft must be >= 1, got {args.num_draft}")
     if args.max_new_tokens < 1: parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -87,6 +89,9 @@ def main(argv: list[str]|None=None, # arguments after `llm_book chat` (default: 
     model, tokenizer = load_gguf(args.model, dtype=DTYPES[args.dtype])
     messages = [] if args.system is None else [{"role": "system", "content": args.system}]
     draft = load_gguf(args.model, dtype="int4")[0] if args.draft == "int4" else args.draft
+    if args.compile:
+        from llm_book.batching import compile_decode
+        for compiled in (model, draft) if args.draft == "int4" else (model,): compile_decode(compiled)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                    draft=draft, num_draft=args.num_draft)
 

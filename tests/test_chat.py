@@ -143,6 +143,9 @@ def test_cli_draft_option(capsys):
     main(["--prompt", "What is the capital of France?", "--max-new-tokens", "10", "--draft", "int4", "--num-draft", "3"])
     assert capsys.readouterr().out == plain
     assert parse_args(["--draft", "ngram"]).draft == "ngram" and parse_args([]).draft is None
+    main(["--prompt", "What is the capital of France?", "--max-new-tokens", "10", "--compile"])   # chapter 46
+    assert capsys.readouterr().out == plain
+    assert parse_args(["--compile"]).compile and not parse_args([]).compile
     for bad in (["--draft", "int2"], ["--draft", "ngram", "--num-draft", "0"]):
         with pytest.raises(SystemExit) as e: parse_args(bad)
         assert e.value.code == 2
