@@ -46,9 +46,7 @@ class CachedDecoder(nn.Module):
                 layer_idx:int=0, # this block's index in the model (its slot in the cache)
                ):
         "(B, T, C) → (B, T, C): x + attention(norm(x)), then h + FFN(norm(h))."
-        if inputs is None:   # used on its own: check x and the arguments, describe this one step here
-            if x.ndim != 3 or x.shape[-1] != self.embed_dim:
-                raise ValueError(f"x must have shape (B, T, embed_dim={self.embed_dim}), got {tuple(x.shape)}")
+        if inputs is None:   # used on its own: check x (B, T, C) and the arguments, describe this one step here
             inputs = self.attention.step_inputs(x, attention_mask, positions, kv_cache)
             out = self.forward(x, inputs=inputs, layer_idx=layer_idx)
             if kv_cache is not None: kv_cache.commit()
