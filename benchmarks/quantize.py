@@ -13,7 +13,7 @@ bandwidth and the bound it sets (tok/s <= bandwidth / weight bytes read per toke
 
     int4_vs_llamacpp=... int8_vs_fp16=... ppl_fp32=... ppl_int8=... ppl_int4=... ppl_llamacpp=... spec_speedup=... spec_identical=...
 
-    python benchmarks/quantize.py [--new-tokens 64] [--rounds 3] [--threads 1] [--ppl-tokens 512] [--context 256] [--num-draft 10]
+    python benchmarks/quantize.py [--new-tokens 64] [--rounds 3] [--threads 1] [--ppl-tokens 512] [--context 256] [--num-draft 16]
                                   [--layout column|row] [--no-compile]
 
 Targets (issue 16): int4 >= 0.8x llama.cpp tok/s, int8 >= 1.5x our fp16 (both compiled: like with like); perplexity int8 within 1% of fp32, int4 within
@@ -79,7 +79,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="threads for torch and llama.cpp")
     parser.add_argument("--ppl-tokens", type=int, default=512, help="held-out tokens scored for perplexity")
     parser.add_argument("--context", type=int, default=256, help="perplexity window (stride: half of it)")
-    parser.add_argument("--num-draft", type=int, default=10, help="tokens the int4 draft guesses per round")
+    parser.add_argument("--num-draft", type=int, default=16, help="tokens the int4 draft guesses per round")
     parser.add_argument("--layout", choices=["column", "row"], default="column",
                         help="the float32 model's weight order (chapter 46's column_major_weights, or nn.Linear's own)")
     parser.add_argument("--no-compile", action="store_true", help="everything eager (no compile_decode)")

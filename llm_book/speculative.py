@@ -75,9 +75,12 @@ class PromptLookupDraft:
 class ModelDraft:
     "A small model of the target's vocabulary guessing autoregressively, with its own KV cache across rounds."
     def __init__(self, model:BaseModel, # any model of the book (smaller, truncated, lower precision)
+                 reuse_prompt_cache:bool|None=None, # start from the target's cache of the prompt (None: when `shares_cache_with`)
                 ):
         if not isinstance(model, BaseModel): raise ValueError(f"ModelDraft needs a model of the book, got {type(model).__name__}")
-        self.model, self.vocab_size = model, model.vocab_size
+        if reuse_prompt_cache not in (None, True, False):
+            raise ValueError(f"reuse_prompt_cache must be None, True or False, got {reuse_prompt_cache!r}")
+        self.model, self.vocab_size, self.reuse_prompt_cache = model, model.vocab_size, reuse_prompt_cache
         self.reset()
 
     def __repr__(self): return f"ModelDraft({type(self.model).__name__}, vocab_size={self.vocab_size})"
@@ -85,6 +88,23 @@ class ModelDraft:
     def reset(self):
         "Forget the cached sequence (a new generation starts)."
         self.cache, self.fed = None, []
+
+    def shares_cache_with(self, target:BaseModel) -> bool:
+        "Whether to start from `target`'s keys and values of the prompt: True when the draft is `target`'s network."
+        same_network = (type(self.model) is type(target) and self.model.num_layers <= target.num_layers
+                        and {**self.model.config, "num_layers": 0} == {**target.config, "num_layers": 0})
+        if self.reuse_prompt_cache and not same_network:
+            raise ValueError(f"reuse_prompt_cache=True needs a draft of the target's class and configuration with at most "
+                             f"its {target.num_layers} layers (its keys and values are then the target's); "
+                             f"got {type(self.model).__name__} with {self.model.num_layers} layers, {self.model.config}")
+        return same_network if self.reuse_prompt_cache is None else self.reuse_prompt_cache
+
+    def start_from(self, cache, # the target's cache, holding exactly `tokens`
+                   tokens:list[int]):
+        "Take over the target's keys and values of `tokens` (its first layers, in the draft's dtype) instead of computing them."
+        if cache.num_seen != len(tokens): raise ValueError(f"cache holds {cache.num_seen} tokens, not the {len(tokens)} given")
+        self.cache = cache.clone(num_layers=self.model.num_layers, dtype=self.model.token_embeddings.weight.dtype)
+        self.fed = list(tokens)
 
     def propose(self, tokens:list[int], num_draft:int, temperature=0.0, top_k=None, top_p=None, generator=None):
         "`num_draft` guesses and their (num_draft, V) distributions, continuing `tokens`."
@@ -170,10 +190,11 @@ def speculative_stream(model:BaseModel, # the model whose output counts (the "ta
                          f"({num_new}) + num_draft ({num_draft}) must be <= {window}")
     draft = as_draft(draft, model.vocab_size)
     if hasattr(draft, "reset"): draft.reset()
-    return _speculate(model, input_ids, num_new, draft, num_draft, temperature, top_k, top_p, set(stop_ids(eos_token_id)),
+    share = getattr(draft, "shares_cache_with", lambda target: False)(model)   # the draft is the model's network
+    return _speculate(model, input_ids, num_new, draft, share, num_draft, temperature, top_k, top_p, set(stop_ids(eos_token_id)),
                       None if seed is None else torch.Generator().manual_seed(seed), stats if stats is not None else SpeculationStats())
 
-def _speculate(model, input_ids, num_new, draft, num_draft, temperature, top_k, top_p, stops, generator, stats):
+def _speculate(model, input_ids, num_new, draft, share, num_draft, temperature, top_k, top_p, stops, generator, stats):
     "The rounds of `speculative_stream` (arguments already checked)."
     sequence, generated = input_ids[0].tolist(), 0
     was_training = model.training
@@ -184,6 +205,8 @@ def _speculate(model, input_ids, num_new, draft, num_draft, temperature, top_k, 
             guess_length = num_draft                                     # adapts: +2 after a full hit, -1 after a miss
             while generated < num_new:
                 k = min(guess_length, num_new - generated - 1)         # the round yields up to k + 1 tokens
+                shared_prefill = share and cache.num_seen == 0           # the prompt alone; the draft then clones the cache
+                if shared_prefill: k = 0
                 guesses, guess_probs = draft.propose(sequence, k, temperature, top_k, top_p, generator) if k else ([], None)
                 guesses = [int(g) for g in guesses[:k]]
                 feed = sequence[cache.num_seen:] + guesses
@@ -200,6 +223,7 @@ def _speculate(model, input_ids, num_new, draft, num_draft, temperature, top_k, 
                     new_tokens = accept_draft_tokens(probs, guesses, q, generator)
                     n = len(new_tokens) - 1
                 cache.crop(len(sequence) + n)                            # keep the accepted guesses; the new token comes next round
+                if shared_prefill: draft.start_from(cache, sequence)         # the draft takes over the prompt's keys and values
                 stats.rounds += 1; stats.proposed += len(guesses); stats.accepted += n
                 if guesses: guess_length = min(num_draft, guess_length + 2) if n == len(guesses) else max(1, guess_length - 1)
                 for token in new_tokens:

@@ -71,6 +71,34 @@ def test_speculative_greedy_equals_plain_smollm2(smollm2):
     assert torch.equal(speculative_generate(model, ids, 16, truncated_model(model, 10), 3), plain)
 
 
+def test_draft_of_the_same_network_starts_from_the_target_cache(smollm2):
+    """SmolLM2 in 4 bits drafting for float32: the draft takes over the target's keys of the prompt (no prefill of its
+    own: its first forward feeds one token), and the tokens are plain greedy's, with or without sharing."""
+    model, tokenizer = smollm2
+    int4 = load_gguf(smollm2_path(), dtype="int4")[0]
+    ids = torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": "Name three colors."}],
+                                                      add_generation_prompt=True)])
+    plain = model.generate(ids, max_new_tokens=12)
+    fed = []
+    hook = int4.register_forward_pre_hook(lambda module, args: fed.append(args[0].shape[1]))
+    shared, stats = ModelDraft(int4), SpeculationStats()
+    try: assert torch.equal(speculative_generate(model, ids, 12, shared, 5, stats=stats), plain)
+    finally: hook.remove()
+    assert shared.shares_cache_with(model) and fed[0] == 1
+    assert stats.acceptance_rate > 0.7                              # the int4 copy mostly guesses right
+    assert torch.equal(speculative_generate(model, ids, 12, ModelDraft(int4, reuse_prompt_cache=False), 5), plain)
+
+
+def test_rolling_cache_shared_with_a_draft():
+    "A sliding-window model drafting for itself: the rolling cache is cloned; the tokens are plain greedy's."
+    torch.manual_seed(0)
+    model = tiny("mistral-tiny")                                     # window_size=8
+    draft = ModelDraft(model)
+    assert draft.shares_cache_with(model)
+    assert torch.equal(speculative_generate(model, PROMPT[:, :3], 3, draft, 2), model.generate(PROMPT[:, :3], max_new_tokens=3))
+    assert type(draft.cache).__name__ == "RollingKVCache"
+
+
 # --- speculative decoding: sampling keeps the model's distribution -----------------------------------------------
 
 def test_acceptance_rule_keeps_target_distribution():

@@ -243,3 +243,24 @@ def crop(self:RollingKVCache, num_tokens:int, # tokens to keep: the first `num_t
         raise ValueError(f"RollingKVCache(window_size={self.window_size}) holds {self.num_seen} tokens: its ring has "
                          f"overwritten older keys, so it cannot crop back to {num_tokens}")
     KVCache.crop(self, num_tokens)
+
+# %% ../../nbs/08_kv_cache.ipynb #7479ee30
+@patch
+def clone(self:KVCache, num_layers:int|None=None, # keep the first `num_layers` layers (None: all)
+          dtype:torch.dtype|None=None, # store the keys and values in this dtype (None: as held)
+         ) -> KVCache:
+    "A cache of the same kind holding the same tokens in its own buffers; owned by no model yet."
+    if self._step is not None: raise ValueError("cache.clone during a step: commit or roll back the step first")
+    num_layers = self.num_layers if num_layers is None else num_layers
+    if not isinstance(num_layers, int) or isinstance(num_layers, bool) or not 1 <= num_layers <= self.num_layers:
+        raise ValueError(f"num_layers must be an int in [1, {self.num_layers}], got {num_layers!r}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype (or None), got {dtype!r}")
+    copy_of = lambda t, to=None: None if t is None else t.to(dtype=to or t.dtype, copy=True)
+    new = type(self).__new__(type(self))                  # same class and settings (max_length, window_size)
+    new.__dict__.update(self.__dict__)                    # batch state: num_seen, num_real, has_padding
+    new.num_layers, new.owner = num_layers, None
+    new.positions, new.mask, new.num_real = copy_of(self.positions), copy_of(self.mask), copy_of(self.num_real)
+    new.keys = [copy_of(k, dtype) for k in self.keys[:num_layers]]
+    new.values = [copy_of(v, dtype) for v in self.values[:num_layers]]
+    return new
