@@ -5,8 +5,9 @@ each with its decode step compiled (`compile_decode`, chapter 46) and eager (the
 and llama.cpp (llama-cpp-python) on the same Q4_1 GGUF file. They take turns round by round; each ratio is the median over rounds of
 that round's ratio (both sides measured back to back, under the same load), which keeps it fair on a shared, noisy machine. Then the perplexity of a held-out slice of tiny-shakespeare
 (chapter 44: same tokens, same windows) for float32, int8, int4 and llama.cpp. Then speculative greedy decoding
-(chapter 45): the compiled int4 model drafts `--num-draft` tokens per round for the float32 model, against plain float32
-greedy compiled the same way (`spec_speedup`) and eager, on the prompts of `benchmarks/speculative.py`; the tokens must be
+(chapter 45): the compiled int4 model drafts up to `--num-draft` tokens per round for the float32 model, checking
+prompt-lookup's copies as it goes (`spec_speedup`; the int4 draft alone is printed beside it), against plain float32
+greedy compiled the same way and eager, on the prompts of `benchmarks/speculative.py`; the tokens must be
 identical. `--no-compile` runs everything eager. The float32 model (perplexity and
 speculative) stores its weights column-major (`column_major_weights`, chapter 46) unless `--layout row`. Prints a table, the measured memory
 bandwidth and the bound it sets (tok/s <= bandwidth / weight bytes read per token), and ends with one line:
@@ -35,7 +36,7 @@ from llm_book.chat import stop_token_ids
 from llm_book.evaluate import LlamaCppLogits, perplexity
 from llm_book.gguf import load_gguf, smollm2_path
 from llm_book.quantize import weight_bytes
-from llm_book.speculative import speculative_generate
+from llm_book.speculative import ModelDraft, PromptLookupDraft, speculative_generate
 from speculative import SPEC_PROMPTS   # benchmarks/speculative.py: the same prompts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,10 +150,12 @@ def main():
     # speculative greedy decoding: the int4 model drafts for the float32 model; per round, both on every prompt
     stops = sorted(stop_token_ids(tokenizer))
     prompts = [torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)]) for text in SPEC_PROMPTS]
-    fp32, draft = models["fp32"], models["int4"]
-    if not args.no_compile: compile_decode(draft)                              # the draft's decode steps compiled
+    fp32 = models["fp32"]
+    if not args.no_compile: compile_decode(models["int4"])                     # the draft's decode steps compiled
+    drafts = {"speculative": ModelDraft(models["int4"], lookup=PromptLookupDraft()),   # int4 checking lookup's copies
+              "int4 draft alone": ModelDraft(models["int4"])}                # (both start from fp32's prompt cache)
     plains = {"plain": not args.no_compile} | ({} if args.no_compile else {"plain eager": False})
-    seconds, identical = {name: [] for name in [*plains, "speculative"]}, True
+    seconds, identical = {name: [] for name in [*plains, *drafts]}, True
     with torch.no_grad():
         for _ in range(args.rounds):
             spent = {name: 0.0 for name in seconds}
@@ -162,17 +165,21 @@ def main():
                     start = time.perf_counter()
                     plain = fp32.generate(ids, max_new_tokens=args.new_tokens, eos_token_id=stops)
                     spent[name] += time.perf_counter() - start
-                start = time.perf_counter()
-                fast = speculative_generate(fp32, ids, args.new_tokens, draft, args.num_draft, eos_token_id=stops)
-                spent["speculative"] += time.perf_counter() - start
-                identical &= torch.equal(plain, fast)
+                for name, draft in drafts.items():
+                    start = time.perf_counter()
+                    fast = speculative_generate(fp32, ids, args.new_tokens, draft, args.num_draft, eos_token_id=stops)
+                    spent[name] += time.perf_counter() - start
+                    identical &= torch.equal(plain, fast)
             for name in spent: seconds[name].append(spent[name])
-    speedup = {name: statistics.median(p / s for p, s in zip(seconds[name], seconds["speculative"])) for name in plains}
-    spec_speedup = speedup["plain"]
-    print(f"speculative greedy, {'compiled ' if not args.no_compile else ''}int4 draft guessing {args.num_draft} per round, "
-          f"{len(prompts)} prompts (median over rounds): {spec_speedup:.2f}x plain float32 greedy"
-          + ("" if args.no_compile else f" compiled, {speedup['plain eager']:.2f}x plain float32 greedy eager")
-          + f"; tokens identical: {identical}")
+    speedup = {(plain, name): statistics.median(p / s for p, s in zip(seconds[plain], seconds[name]))
+               for plain in plains for name in drafts}
+    spec_speedup = speedup["plain", "speculative"]
+    for name in drafts:
+        print(f"{name}: {'compiled ' if not args.no_compile else ''}int4 draft"
+              f"{' checking prompt-lookup copies' if name == 'speculative' else ''}, up to {args.num_draft} guesses per round, "
+              f"{len(prompts)} prompts (median over rounds): {speedup['plain', name]:.2f}x plain float32 greedy"
+              + ("" if args.no_compile else f" compiled, {speedup['plain eager', name]:.2f}x plain float32 greedy eager"))
+    print(f"speculative tokens identical to plain greedy: {identical}")
 
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"
     figures = dict(int4_vs_llamacpp=round_ratio("int4", "llama.cpp") if llm else None,

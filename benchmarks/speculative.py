@@ -8,6 +8,7 @@ Three comparisons, each against a baseline measured in the same process, contend
    with a prompt-lookup draft, an
    int4 copy (`load_gguf(dtype="int4")`, its decode step compiled by `compile_decode` unless `--no-compile`; it starts
    from the float32 model's cache of the prompt, chapter 45) guessing 10 or 16 tokens per round as drafts, and
+   the same int4 draft checking prompt lookup's copies (`ModelDraft(int4, lookup=PromptLookupDraft())`), and
    optionally a layer-skipping draft (`truncated_model`, `--draft-layers N`); tokens must be identical. Target: >= 1.5x.
 2. `generate_batch` of 8 prompts of different lengths against batch 1 (the same 8 prompts one by one), in new
    tokens per second, `--new-tokens` each (the prefill of the longest prompt weighs more the fewer tokens follow it);
@@ -35,7 +36,7 @@ import torch
 from llm_book.batching import column_major_weights, compile_decode, generate_batch
 from llm_book.chat import stop_token_ids
 from llm_book.gguf import load_gguf, smollm2_path
-from llm_book.speculative import PromptLookupDraft, SpeculationStats, speculative_generate, truncated_model
+from llm_book.speculative import ModelDraft, PromptLookupDraft, SpeculationStats, speculative_generate, truncated_model
 
 CODE = '''def moving_average(values, window):
     result = []
@@ -94,13 +95,15 @@ def main():
         start = time.perf_counter()
         compile_decode(int4).generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3)
         print(f"compile_decode(int4 draft): first decode steps (compiling) {time.perf_counter() - start:.1f} s")
+    int4_checking_lookup = ModelDraft(int4, lookup=PromptLookupDraft())   # the draft checks lookup's copies (chapter 45)
     compiled = None if args.no_compile else compile_decode(copy.deepcopy(model))   # plain greedy, compiled like the draft
     spec = {"plain": lambda ids: (model.generate(ids, max_new_tokens=args.new_tokens, eos_token_id=stops), None),
             **({} if compiled is None else {"plain compiled": lambda ids: (
                 compiled.generate(ids, max_new_tokens=args.new_tokens, eos_token_id=stops), None)}),
             f"lookup k={args.num_draft}": lambda ids: _spec(model, ids, args, PromptLookupDraft(), args.num_draft, stops),
             "int4 copy k=10": lambda ids: _spec(model, ids, args, int4, 10, stops),
-            "int4 copy k=16": lambda ids: _spec(model, ids, args, int4, 16, stops)}
+            "int4 copy k=16": lambda ids: _spec(model, ids, args, int4, 16, stops),
+            "int4 + lookup k=16": lambda ids: _spec(model, ids, args, int4_checking_lookup, 16, stops)}
     if args.draft_layers:   # layer skipping: the model's first layers (shared weights) as the draft
         layer_draft = truncated_model(model, args.draft_layers)
         spec[f"{args.draft_layers}-layer draft k=3"] = lambda ids: _spec(model, ids, args, layer_draft, 3, stops)

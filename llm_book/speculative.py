@@ -76,11 +76,14 @@ class ModelDraft:
     "A small model of the target's vocabulary guessing autoregressively, with its own KV cache across rounds."
     def __init__(self, model:BaseModel, # any model of the book (smaller, truncated, lower precision)
                  reuse_prompt_cache:bool|None=None, # start from the target's cache of the prompt (None: when `shares_cache_with`)
+                 lookup=None, # a `PromptLookupDraft` whose copies the draft checks in one forward (greedy); None: step alone
                 ):
         if not isinstance(model, BaseModel): raise ValueError(f"ModelDraft needs a model of the book, got {type(model).__name__}")
         if reuse_prompt_cache not in (None, True, False):
             raise ValueError(f"reuse_prompt_cache must be None, True or False, got {reuse_prompt_cache!r}")
-        self.model, self.vocab_size, self.reuse_prompt_cache = model, model.vocab_size, reuse_prompt_cache
+        if lookup is not None and not callable(getattr(lookup, "propose", None)):
+            raise ValueError(f"lookup must be None or a draft with propose() (PromptLookupDraft), got {type(lookup).__name__}")
+        self.model, self.vocab_size, self.reuse_prompt_cache, self.lookup = model, model.vocab_size, reuse_prompt_cache, lookup
         self.reset()
 
     def __repr__(self): return f"ModelDraft({type(self.model).__name__}, vocab_size={self.vocab_size})"
@@ -88,6 +91,7 @@ class ModelDraft:
     def reset(self):
         "Forget the cached sequence (a new generation starts)."
         self.cache, self.fed = None, []
+        self.copy_length, self.copy_pause = 4, 0    # how many tokens to copy next; steps to take alone before looking again
 
     def shares_cache_with(self, target:BaseModel) -> bool:
         "Whether to start from `target`'s keys and values of the prompt: True when the draft is `target`'s network."
@@ -114,13 +118,33 @@ class ModelDraft:
         self.cache.crop(keep); self.fed = self.fed[:keep]
         feed, guesses, probs = tokens[keep:], [], []
         device = next(self.model.parameters()).device            # (an int8/int4 model's lm_head has no .weight)
-        for _ in range(num_draft):
-            logits, self.cache = self.model(torch.tensor([feed], device=device), cache=self.cache, use_cache=True, logits_to_keep=1)
-            self.fed += feed
-            dist = next_token_probs(logits[0, -1], temperature, top_k, top_p)       # (V,)
-            token = int(dist.argmax()) if temperature == 0 else int(torch.multinomial(dist, 1, generator=generator))
-            guesses.append(token); probs.append(dist); feed = [token]
-        return guesses, torch.stack(probs)                                       # (num_draft, V)
+        while len(guesses) < num_draft:
+            copies = self._copies(tokens + guesses, num_draft - len(guesses), temperature)
+            logits, self.cache = self.model(torch.tensor([feed + copies], device=device), cache=self.cache, use_cache=True,
+                                            logits_to_keep=len(copies) + 1)
+            dists = next_token_probs(logits[0], temperature, top_k, top_p)         # (copies + 1, V)
+            if temperature == 0:                                  # keep the copies it agrees with, then its own token
+                best = dists.argmax(-1).tolist()
+                agreed = 0
+                while agreed < len(copies) and copies[agreed] == best[agreed]: agreed += 1
+                new = best[:agreed + 1]
+            else: new, agreed = [int(torch.multinomial(dists[-1], 1, generator=generator))], 0
+            if copies: self._adapt(agreed, len(copies))
+            self.fed += feed + copies[:agreed]; self.cache.crop(len(self.fed))  # the rejected copies out
+            new = new[:num_draft - len(guesses)]
+            guesses += new; probs.append(dists[:len(new)]); feed = [new[-1]]
+        return guesses, torch.cat(probs)                                         # (num_draft, V)
+
+    def _copies(self, sequence:list[int], room:int, temperature) -> list[int]:
+        "What the lookup copies for the draft to check (greedy only, at most `copy_length`)."
+        if self.lookup is None or temperature != 0: return []
+        if self.copy_pause: self.copy_pause -= 1; return []
+        return [int(t) for t in self.lookup.propose(sequence, min(self.copy_length, room))[0]]
+
+    def _adapt(self, agreed:int, copied:int):
+        "Copy twice as far after a full hit, as far as it held after a partial one, nothing for 4 steps after a miss."
+        if agreed == copied: self.copy_length = min(2 * self.copy_length, 64)
+        else: self.copy_length, self.copy_pause = max(1, agreed), (0 if agreed else 4)
 
 # %% ../nbs/45_speculative.ipynb #4b9c0cd9
 def truncated_model(model:BaseModel, # a model of the book

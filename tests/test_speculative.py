@@ -89,6 +89,27 @@ def test_draft_of_the_same_network_starts_from_the_target_cache(smollm2):
     assert torch.equal(speculative_generate(model, ids, 12, ModelDraft(int4, reuse_prompt_cache=False), 5), plain)
 
 
+@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
+def test_lookup_in_front_of_a_model_draft(name):
+    """A model draft checking prompt-lookup copies: greedy output is plain greedy's for any k; when sampling it steps one
+    token at a time, so a seeded run draws exactly what the same draft without lookup draws."""
+    torch.manual_seed(0)
+    model = tiny(name)
+    small = tiny(name, num_layers=1)
+    plain = model.generate(PROMPT, max_new_tokens=30)
+    for draft_model in (small, model):
+        for num_draft in (1, 3, 8):
+            draft = ModelDraft(draft_model, lookup=PromptLookupDraft(min_ngram=1))
+            assert torch.equal(speculative_generate(model, PROMPT, 30, draft, num_draft), plain)
+    sequence = model.generate(PROMPT, max_new_tokens=45)[0].tolist()
+    alone, checking = ModelDraft(small), ModelDraft(small, lookup=PromptLookupDraft(min_ngram=1))
+    for length in range(11, 50, 3):      # one draft across calls: its cache is cropped back to each new prefix
+        assert checking.propose(sequence[:length], 6)[0] == alone.propose(sequence[:length], 6)[0]
+    sampled = dict(temperature=0.8, top_k=20, seed=3)
+    with_lookup = speculative_generate(model, PROMPT, 20, ModelDraft(small, lookup=PromptLookupDraft(min_ngram=1)), 4, **sampled)
+    assert torch.equal(with_lookup, speculative_generate(model, PROMPT, 20, ModelDraft(small), 4, **sampled))
+
+
 def test_rolling_cache_shared_with_a_draft():
     "A sliding-window model drafting for itself: the rolling cache is cloned; the tokens are plain greedy's."
     torch.manual_seed(0)
