@@ -70,8 +70,9 @@ def parse_args(argv: list[str]|None=None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (float16: half the memory of float32; int8/int4: quantized weights, chapter 43)")
-    parser.add_argument("--draft", choices=["int4", "ngram"], default=None, help="speculative decoding (chapter 45): int4 = the "
-                        "same model in int4 guesses, ngram = prompt lookup guesses; the model checks every guess")
+    parser.add_argument("--draft", choices=["int4", "ngram", "int4+ngram"], default=None, help="speculative decoding (chapter 45): "
+                        "int4 = the same model in int4 guesses, ngram = prompt lookup guesses, int4+ngram = the int4 draft "
+                        "checking prompt lookup's copies (greedy); the model checks every guess")
     parser.add_argument("--num-draft", type=int, default=4, help="guesses per speculative round (with --draft)")
     parser.add_argument("--compile", action="store_true", help="compile the decode step (chapter 46's compile_decode): faster, "
                         "most with int4/int8 weights; needs a C++ compiler; the first reply pays seconds of compiling")
@@ -88,10 +89,14 @@ def main(argv: list[str]|None=None, # arguments after `llm_book chat` (default: 
     args = parse_args(argv)
     model, tokenizer = load_gguf(args.model, dtype=DTYPES[args.dtype])
     messages = [] if args.system is None else [{"role": "system", "content": args.system}]
-    draft = load_gguf(args.model, dtype="int4")[0] if args.draft == "int4" else args.draft
+    int4 = load_gguf(args.model, dtype="int4")[0] if args.draft in ("int4", "int4+ngram") else None   # the draft's weights
     if args.compile:
         from llm_book.batching import compile_decode
-        for compiled in (model, draft) if args.draft == "int4" else (model,): compile_decode(compiled)
+        for compiled in (model,) if int4 is None else (model, int4): compile_decode(compiled)
+    draft = args.draft if int4 is None else int4
+    if args.draft == "int4+ngram":
+        from llm_book.speculative import ModelDraft, PromptLookupDraft
+        draft = ModelDraft(int4, lookup=PromptLookupDraft())
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                    draft=draft, num_draft=args.num_draft)
 

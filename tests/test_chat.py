@@ -136,11 +136,13 @@ def test_chat_speculative_draft_gives_the_same_greedy_reply(smollm2):
 
 
 def test_cli_draft_option(capsys):
-    "`llm_book chat --draft int4|ngram`: the same one-shot answer as without it; bad values are argparse errors."
+    "`llm_book chat --draft int4|ngram|int4+ngram`: the same one-shot answer as without it; bad values are argparse errors."
     main(["--prompt", "What is the capital of France?", "--max-new-tokens", "10"])
     plain = capsys.readouterr().out
     assert "Paris" in plain
     main(["--prompt", "What is the capital of France?", "--max-new-tokens", "10", "--draft", "int4", "--num-draft", "3"])
+    assert capsys.readouterr().out == plain
+    main(["--prompt", "What is the capital of France?", "--max-new-tokens", "10", "--draft", "int4+ngram"])
     assert capsys.readouterr().out == plain
     assert parse_args(["--draft", "ngram"]).draft == "ngram" and parse_args([]).draft is None
     main(["--prompt", "What is the capital of France?", "--max-new-tokens", "10", "--compile"])   # chapter 46
