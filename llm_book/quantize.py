@@ -287,9 +287,9 @@ def forward(self:QuantizedLinear, x:torch.Tensor, # (..., in_features)
         params, zeros = self._group_params(self.compute_dtype)
         xc = x2.to(self.compute_dtype).contiguous()             # (the kernels read x as one dense block)
         y = torch.ops.aten._weight_int8pack_mm(xc, self.weight_int8, params)                  # (M, N): s * (x @ q8^T)
-        if zeros is not None:                                                               # + sum(x) * z, elementwise
+        if zeros is not None:                                                               # + sum(x) * z, one addmm
             xsum = xc.sum(-1, keepdim=True, dtype=torch.float32)   # the same rounded x as the product: consistent
-            y = y.float() + xsum * zeros    # (M, N) + (M, 1) * (1, N): an outer product, fused into a compiled step
+            y = torch.addmm(y.float(), xsum, zeros)                                         # (M, 1) @ (1, N)
     else:
         y = F.linear(x2.float(), self.dequantized_weight())                                  # (M, N)
     if self.bias is not None: y = y.float() + self.bias
