@@ -13,8 +13,8 @@ from .core.base_model import BaseModel
 from .core.generation import check_generation_args, next_token_probs, stop_ids
 
 # %% auto #0
-__all__ = ['accept_draft_tokens', 'chi_square_pvalue', 'PromptLookupDraft', 'ModelDraft', 'truncated_model', 'SpeculationStats',
-           'as_draft', 'speculative_stream', 'speculative_generate']
+__all__ = ['accept_draft_tokens', 'chi_square_pvalue', 'PromptLookupDraft', 'greedy_agreement', 'ModelDraft', 'truncated_model',
+           'SpeculationStats', 'as_draft', 'speculative_stream', 'speculative_generate']
 
 # %% ../nbs/45_speculative.ipynb #d68eca82
 def accept_draft_tokens(target_probs:torch.Tensor, # (k + 1, V) the model's next-token distribution after each prefix
@@ -72,6 +72,12 @@ class PromptLookupDraft:
         return [], None
 
 # %% ../nbs/45_speculative.ipynb #f83f6195
+def greedy_agreement(guesses:list[int], best:list[int]) -> int:
+    "How many leading guesses equal the argmax after each prefix (`best`, one longer): greedy acceptance."
+    agreed = 0
+    while agreed < len(guesses) and guesses[agreed] == best[agreed]: agreed += 1
+    return agreed
+
 class ModelDraft:
     "A small model of the target's vocabulary guessing autoregressively, with its own KV cache across rounds."
     def __init__(self, model:BaseModel, # any model of the book (smaller, truncated, lower precision)
@@ -125,8 +131,7 @@ class ModelDraft:
             dists = next_token_probs(logits[0], temperature, top_k, top_p)         # (copies + 1, V)
             if temperature == 0:                                  # keep the copies it agrees with, then its own token
                 best = dists.argmax(-1).tolist()
-                agreed = 0
-                while agreed < len(copies) and copies[agreed] == best[agreed]: agreed += 1
+                agreed = greedy_agreement(copies, best)
                 new = best[:agreed + 1]
             else: new, agreed = [int(torch.multinomial(dists[-1], 1, generator=generator))], 0
             if copies: self._adapt(agreed, len(copies))
@@ -238,8 +243,7 @@ def _speculate(model, input_ids, num_new, draft, share, num_draft, temperature, 
                                       logits_to_keep=len(guesses) + 1)    # (1, k + 1, V): ONE forward
                 if temperature == 0:                                     # greedy: accept while guess == argmax
                     best = logits[0].argmax(-1).tolist()                 # (k + 1,)
-                    n = 0
-                    while n < len(guesses) and guesses[n] == best[n]: n += 1
+                    n = greedy_agreement(guesses, best)
                     new_tokens = guesses[:n] + [best[n]]
                 else:
                     probs = next_token_probs(logits[0], temperature, top_k, top_p)   # (k + 1, V)
