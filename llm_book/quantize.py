@@ -17,8 +17,8 @@ from .gguf import gguf_name_table, unpermute_qk
 
 # %% auto #0
 __all__ = ['INT4_GROUP_SIZES', 'BACKENDS', 'DEFAULT_GROUP_SIZE', 'check_group_size', 'quantize_groupwise', 'dequantize_groupwise',
-           'kernel_problem', 'scheme_problem', 'dynamic_problem', 'QuantizedLinear', 'quantize_model', 'weight_bytes',
-           'q4_1_groups', 'quantize_gguf_model']
+           'kernel_problem', 'scheme_problem', 'dynamic_problem', 'scale_dtype', 'QuantizedLinear', 'quantize_model',
+           'weight_bytes', 'q4_1_groups', 'quantize_gguf_model']
 
 # %% ../nbs/43_quantize.ipynb #3f4f191d
 INT4_GROUP_SIZES = (32, 64, 128, 256)   # the group sizes aten's int4 kernel accepts
@@ -41,6 +41,7 @@ def quantize_groupwise(weight:torch.Tensor, # (N, K) float weight of a linear la
                        bits:int=8, # 8 or 4
                        group_size:int|None=None, # weights per (scale, offset) pair along K (None: whole row)
                        symmetric:bool=True, # True: q in [-(2^(b-1)-1), 2^(b-1)-1], offset 0; False: q in [0, 2^b-1], offset = group min
+                       scale_dtype:torch.dtype=torch.float32, # the dtype the scales will be kept in (a kernel's bfloat16)
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: # q (N, K) int16, scale (N, G), offset (N, G) float32
     "Round each group of `group_size` weights to `bits`-bit integers: $w \\approx s\\,q + o$ with one $(s, o)$ per group."
     if bits not in (4, 8): raise ValueError(f"bits must be 4 or 8, got {bits!r}")
@@ -59,6 +60,9 @@ def quantize_groupwise(weight:torch.Tensor, # (N, K) float weight of a linear la
         offset = w.amin(-1)                                            # (N, G)
         scale = (w.amax(-1) - offset) / qmax
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))      # an all-equal group: any scale is exact
+    if scale_dtype != torch.float32:   # round the scale first (up: the range still fits the grid), then q against it
+        kept = scale.to(scale_dtype)
+        scale = torch.where(kept.float() < scale, torch.nextafter(kept, torch.full_like(kept, float("inf"))), kept).float()
     q = ((w - offset[..., None]) / scale[..., None]).round().clamp(qmin, qmax)
     return q.to(torch.int16).reshape(N, K), scale, offset
 
@@ -150,6 +154,14 @@ def _warn_once(message:str, fallback:str="the slower dequantize-then-matmul path
         _warned.add(message)
         warnings.warn(f"{message} -- using {fallback}", stacklevel=3)
 
+def scale_dtype(bits:int, in_features:int, out_features:int, group_size:int, # the layer's scheme
+                backend:str="auto", compute_dtype:torch.dtype=torch.bfloat16, activations:str="float", # as `QuantizedLinear`
+               ) -> torch.dtype:
+    "The dtype a `QuantizedLinear` keeps its scales in: aten's weight-only kernels read them in the activations' dtype; fbgemm and the reference path in float32."
+    if backend == "reference" or (activations == "int8" and dynamic_problem() is None): return torch.float32
+    return torch.float32 if kernel_problem(bits) or scheme_problem(bits, in_features, out_features, group_size) else compute_dtype
+
+
 # %% ../nbs/43_quantize.ipynb #e29faaa8
 class QuantizedLinear(nn.Module):
     "A linear layer whose weight is stored as `bits`-bit integers with group-wise scales and offsets."
@@ -192,14 +204,13 @@ class QuantizedLinear(nn.Module):
         if activations == "int8" and backend == "auto" and dynamic: _warn_once(dynamic, "float activations")
         self.uses_dynamic = activations == "int8" and backend != "reference" and dynamic is None
         self.activations = activations
-        # the weight-only kernel reads its scales in the activations' dtype; fbgemm and the reference path in float32
-        stored = compute_dtype if self.uses_kernel and not self.uses_dynamic else torch.float32
+        stored = scale_dtype(bits, K, N, self.group_size, backend, compute_dtype, activations)   # bfloat16 or float32
         scale, offset = scale.float(), offset.float()
         if bits == 8:   # store q8 = q - shift as int8, then w = s q8 + z with z = o + shift s
             shift = 0 if symmetric else 128
             self.register_buffer("weight_int8", (q.to(torch.int16) - shift).to(torch.int8))        # (N, K)
             self.register_buffer("scales", scale.to(stored))                                       # (N, G)
-            self.register_buffer("zeros", None if symmetric else (offset + shift * scale).to(stored))  # (N, G)
+            self.register_buffer("zeros", None if symmetric else offset + shift * scale)   # (N, G) float32: read by our rank-one term
         else:           # the kernel's convention: q4 in [0, 15], w = s (q4 - 8) + z
             shift = 8 if symmetric else 0
             q4 = q.to(torch.int32) + shift                                                          # (N, K)
@@ -215,8 +226,11 @@ class QuantizedLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear:nn.Linear, # a float linear layer
                     bits:int=8, group_size:int|None=None, symmetric:bool=True, **kwargs):
-        "Quantize a float `nn.Linear` (see `quantize_groupwise`); other keyword arguments go to the constructor."
-        q, scale, offset = quantize_groupwise(linear.weight, bits, group_size, symmetric)
+        "Quantize a float `nn.Linear` (see `quantize_groupwise`, scales rounded to the layer's `scale_dtype` first); other keyword arguments go to the constructor."
+        N, K = linear.weight.shape
+        stored = scale_dtype(bits, K, N, check_group_size(K, group_size), kwargs.get("backend", "auto"),
+                             kwargs.get("compute_dtype", torch.bfloat16), kwargs.get("activations", "float"))
+        q, scale, offset = quantize_groupwise(linear.weight, bits, group_size, symmetric, scale_dtype=stored)
         return cls(q, scale, offset, bits, symmetric, bias=linear.bias, **kwargs)
 
     def extra_repr(self) -> str:
@@ -287,9 +301,9 @@ def forward(self:QuantizedLinear, x:torch.Tensor, # (..., in_features)
         params, zeros = self._group_params(self.compute_dtype)
         xc = x2.to(self.compute_dtype).contiguous()             # (the kernels read x as one dense block)
         y = torch.ops.aten._weight_int8pack_mm(xc, self.weight_int8, params)                  # (M, N): s * (x @ q8^T)
-        if zeros is not None:                                                               # + sum(x) * z, one addmm
+        if zeros is not None:                                                               # + sum(x) * z, elementwise
             xsum = xc.sum(-1, keepdim=True, dtype=torch.float32)   # the same rounded x as the product: consistent
-            y = torch.addmm(y.float(), xsum, zeros)                                         # (M, 1) @ (1, N)
+            y = y.float() + xsum * zeros    # (M, N) + (M, 1) * (1, N): an outer product, fused into a compiled step
     else:
         y = F.linear(x2.float(), self.dequantized_weight())                                  # (M, N)
     if self.bias is not None: y = y.float() + self.bias

@@ -29,13 +29,30 @@ def models():
 def test_kernel_matches_dequantized_matmul(bits, group_size, symmetric):
     linear = nn.Linear(192, 32)
     x = torch.randn(5, 192)                                                   # (M, K)
-    expected = QuantizedLinear.from_linear(linear, bits, group_size, symmetric, backend="reference")(x)
-    exact = QuantizedLinear.from_linear(linear, bits, group_size, symmetric, backend="kernel", compute_dtype=torch.float32)
-    fast = QuantizedLinear.from_linear(linear, bits, group_size, symmetric, backend="kernel")
-    assert exact.uses_kernel and fast.uses_kernel
-    torch.testing.assert_close(exact(x), expected, atol=1e-5 * expected.abs().max().item(), rtol=0)
     # bfloat16 activations and scales: relative rounding 2^-9 per factor, summed over K=192 terms
-    torch.testing.assert_close(fast(x), expected, atol=2e-2 * expected.abs().max().item(), rtol=0)
+    for compute_dtype, tolerance in [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)]:
+        q, s, o = quantize_groupwise(linear.weight, bits, group_size, symmetric, scale_dtype=compute_dtype)  # as from_linear
+        expected = QuantizedLinear(q, s, o, bits, symmetric, bias=linear.bias, backend="reference")(x)
+        fast = QuantizedLinear.from_linear(linear, bits, group_size, symmetric, backend="kernel", compute_dtype=compute_dtype)
+        assert fast.uses_kernel
+        torch.testing.assert_close(fast(x), expected, atol=tolerance * expected.abs().max().item(), rtol=0)
+
+
+def test_scales_rounded_before_the_weights():
+    "Scales kept in bfloat16 are rounded first, the weights against them: every weight within half a stored step."
+    w = torch.randn(16, 256) * 0.02 + torch.linspace(-0.3, 0.3, 16)[:, None]   # rows off zero: a large int8 offset
+    for bits, group_size, symmetric in [(8, None, False), (8, None, True), (4, 32, False), (4, 32, True)]:
+        q, s, o = quantize_groupwise(w, bits, group_size, symmetric, scale_dtype=torch.bfloat16)
+        assert torch.equal(s.to(torch.bfloat16).float(), s)                  # the kernel reads exactly this scale
+        err = (dequantize_groupwise(q, s, o) - w).reshape(16, s.shape[1], -1).abs().amax(-1)   # (N, G)
+        assert (err <= s / 2 * (1 + 1e-5)).all()
+    linear = nn.Linear(256, 16, bias=False)
+    with torch.no_grad(): linear.weight.copy_(w)
+    layer = QuantizedLinear.from_linear(linear, 8, None, False, backend="kernel")
+    assert (layer.scales.dtype, layer.zeros.dtype) == (torch.bfloat16, torch.float32)
+    assert ((layer.dequantized_weight() - w).abs() <= layer.scales.float() / 2 * (1 + 1e-5)).all()
+    reference = QuantizedLinear.from_linear(linear, 8, None, False, backend="reference")
+    assert reference.scales.dtype == torch.float32                            # nothing to round for float32
 
 
 def test_rounding_error_at_most_half_a_step():
