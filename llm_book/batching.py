@@ -7,12 +7,14 @@ from __future__ import annotations
 import os
 import shutil
 import types
+import warnings
 import torch
 from .core.cached_decoder import CachedDecoder
+from .core.group_query_attention import AttentionInputs, position_mask
 from .core.generation import stop_ids
 
 # %% auto #0
-__all__ = ['pad_left', 'generate_batch', 'CompiledDecode', 'compile_decode', 'column_major_weights']
+__all__ = ['pad_left', 'generate_batch', 'whole_buffer_inputs', 'CompiledDecode', 'compile_decode', 'column_major_weights']
 
 # %% ../nbs/46_batching.ipynb #9c721d94
 def pad_left(prompts:list[list[int]], # token ids of each prompt (lengths may differ)
@@ -55,38 +57,65 @@ def generate_batch(model, # a model of the book (anything with `generate`)
     return results
 
 # %% ../nbs/46_batching.ipynb #6ab6ce43
-def _first(block, x, rope_cos_sin):
-    "Graph 1: block 0 up to its attention — norm, q, k, v."
-    return block.pre_attention(x, rope_cos_sin)
+def _block_step(block, x, step, keys, values, slot):
+    "One block of a decode step as one graph: norm, q, k, v; k and v into the cache's slot; attention over every slot; the rest."
+    q, k, v = block.pre_attention(x, step.rope_cos_sin)                   # (B, H, 1, hd), (B, KVH, 1, hd) x 2
+    keys.index_copy_(2, slot, k); values.index_copy_(2, slot, v)           # in place: the cache's own buffers
+    attended = block.attention.attend(q, keys, values, step)                # (B, H, 1, hd): the mask hides empty slots
+    B, H, T, hd = attended.shape
+    return block.post_attention(x, attended.transpose(1, 2).reshape(B, T, H * hd))   # (B, 1, C)
 
-def _between(block, next_block, x, attended, rope_cos_sin):
-    "Graph 2: the rest of block i after its attention, then block i + 1 up to its attention."
-    x = block.post_attention(x, attended)                                    # (B, 1, C)
-    return x, next_block.pre_attention(x, rope_cos_sin)
+def whole_buffer_inputs(inputs:AttentionInputs, # the step's inputs, made by the model (keys = the filled slots)
+                        cache, # the model's cache, during this one-token step
+                        held:int, # slots that hold keys (`KVCache.step_buffers`)
+                       ) -> AttentionInputs: # the same step, its keys = every slot of the buffers
+    "The step's `AttentionInputs` over the cache's whole buffers: slots past `held` (empty, or cropped) masked out."
+    filled = torch.arange(cache.capacity, device=cache.mask.device) < held                         # (S,)
+    key_mask = cache.mask & filled                                                                 # (B, S)
+    sdpa_mask = position_mask(inputs.positions, cache.positions, key_mask, inputs.window_size)[:, None]   # (B, 1, 1, S)
+    return AttentionInputs(inputs.positions, cache.positions, key_mask, inputs.window_size, inputs.rope_cos_sin,
+                           is_causal=False, sdpa_mask=sdpa_mask, no_keys=~sdpa_mask.any(-1, keepdim=True), kv_cache=None)
 
-def _last(block, x, attended):
-    "Graph 3: the rest of the last block."
-    return block.post_attention(x, attended)
+_block_region = torch.compiler.nested_compile_region(_block_step)   # traced and compiled once, called once per block
+
+def _decode_step(blocks, x, step, keys, values, slot):
+    "A whole decode step as one graph: every block through the same compiled region."
+    for block, block_keys, block_values in zip(blocks, keys, values):
+        x = _block_region(block, x, step, block_keys, block_values, slot)      # (B, 1, C)
+    return x
 
 class CompiledDecode:
-    "A model's blocks for a decode step (one new token per row, no gradients) as compiled graphs around the cache calls."
+    "A model's blocks for a decode step (one new token per row, no gradients) as one compiled graph, the cache written in place."
     def __init__(self, model:torch.nn.Module, # the model whose `run_blocks` this replaces
-                 graphs:dict, # "first", "between", "last": compiled `_first`, `_between`, `_last`
+                 graphs:dict, # "step": the compiled `_decode_step`; "block": the compiled `_block_step` (made on demand)
                 ):
-        self.model, self.graphs = model, graphs
+        self.model, self.graphs, self.compiled_once = model, graphs, False
 
     def __call__(self, x, # (B, T, C) the embedded tokens
                  inputs, # this step's `AttentionInputs`
                 ) -> torch.Tensor: # (B, T, C)
-        model = self.model
-        if x.shape[1] != 1 or model.training or torch.is_grad_enabled():
-            return type(model).run_blocks(model, x, inputs)                   # prefill, training: the eager blocks
-        blocks, cos_sin, graphs = model.layers, inputs.rope_cos_sin, self.graphs
-        q, k, v = graphs["first"](blocks[0], x, cos_sin)
-        for i, block in enumerate(blocks):
-            attended = block.attention.attend_cached(q, k, v, inputs, i)       # (B, 1, H * hd): the cache, eager
-            if i + 1 < len(blocks): x, (q, k, v) = graphs["between"](block, blocks[i + 1], x, attended, cos_sin)
-            else: x = graphs["last"](block, x, attended)
+        model, cache, buffers = self.model, inputs.kv_cache, None
+        if x.shape[1] == 1 and not model.training and not torch.is_grad_enabled() and cache is not None:
+            buffers = cache.step_buffers()                                     # None for a cache without buffers yet
+        if buffers is None:
+            return type(model).run_blocks(model, x, inputs)                   # prefill, training, no cache: eager blocks
+        keys, values, slot, held = buffers
+        step = whole_buffer_inputs(inputs, cache, held)                       # once per step, shared by every block
+        if not self.compiled_once:   # the first graph: the number of slots symbolic, so a grown cache needs no new graph
+            for t in (*keys, *values): torch._dynamo.maybe_mark_dynamic(t, 2)
+            for t in (step.key_positions, step.key_mask): torch._dynamo.maybe_mark_dynamic(t, 1)
+            torch._dynamo.maybe_mark_dynamic(step.sdpa_mask, 3)
+            self.compiled_once = True
+        slot = torch.tensor([slot], device=x.device)                           # a tensor: the same graph every step
+        graphs = self.graphs
+        if "block" not in graphs:
+            try: return graphs["step"](model.layers, x, step, keys, values, slot)   # (B, 1, C)
+            except torch._dynamo.exc.UncapturedHigherOrderOpError as error:   # fails while tracing: nothing ran yet
+                warnings.warn(f"compile_decode: {type(model).__name__}'s block cannot be traced as one region "
+                              f"({str(error).splitlines()[0][:120]}); compiling each block on its own instead (slower)")
+                graphs["block"] = torch.compile(_own_copy(_block_step), options={"cpp_wrapper": True})
+        for block, block_keys, block_values in zip(model.layers, keys, values):
+            x = graphs["block"](block, x, step, block_keys, block_values, slot)   # (B, 1, C): a graph break is allowed here
         return x
 
 def _own_copy(function):
@@ -100,7 +129,7 @@ def _cpp_compiler() -> str|None:
 def compile_decode(model:torch.nn.Module, # a model of the book whose blocks are `CachedDecoder`s (modified in place)
                    enable:bool=True, # True: compile the decode step; False: back to the eager blocks
                   ) -> torch.nn.Module: # the same model
-    "Opt-in: run decode steps through compiled graphs that span from one block's attention to the next (inductor, C++ wrapper)."
+    "Opt-in: run each decode step as one compiled graph (inductor), its blocks one compiled region, the KV cache written in place."
     blocks = getattr(model, "layers", None)
     if not isinstance(blocks, torch.nn.ModuleList) or not callable(getattr(model, "run_blocks", None)):
         raise ValueError(f"compile_decode needs a model of the book (with .layers and run_blocks), got {type(model).__name__}")
@@ -115,10 +144,8 @@ def compile_decode(model:torch.nn.Module, # a model of the book whose blocks are
         raise RuntimeError("compile_decode needs a C++ compiler (inductor writes C++ for the CPU): none of $CXX, c++, g++, "
                            "clang++ was found; install one (e.g. Debian's g++) or keep the model eager")
     graphs = model.__dict__.get("_decode_graphs")                              # compiled once per model, then reused
-    if graphs is None:
-        graphs = {name: torch.compile(_own_copy(function), dynamic=False, options={"cpp_wrapper": True})
-                  for name, function in (("first", _first), ("between", _between), ("last", _last))}
-        model.__dict__["_decode_graphs"] = graphs
+    if graphs is None:   # (inductor's C++ wrapper cannot call a nested region yet: the default Python wrapper)
+        graphs = model.__dict__["_decode_graphs"] = {"step": torch.compile(_own_copy(_decode_step))}
     model.__dict__["run_blocks"] = CompiledDecode(model, graphs)   # an instance attribute: forward calls it unchanged
     return model
 

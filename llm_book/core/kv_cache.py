@@ -264,3 +264,27 @@ def clone(self:KVCache, num_layers:int|None=None, # keep the first `num_layers` 
     new.keys = [copy_of(k, dtype) for k in self.keys[:num_layers]]
     new.values = [copy_of(v, dtype) for v in self.values[:num_layers]]
     return new
+
+# %% ../../nbs/08_kv_cache.ipynb #3a0330c8
+@patch
+def step_slot(self:KVCache) -> tuple[int, int]:
+    "During a step: the slot of its first new token and how many slots hold keys with it, (slot, held)."
+    start, end = self._step[:2]
+    return start, end
+
+@patch
+def step_slot(self:RollingKVCache) -> tuple[int, int]:
+    "During a step: the ring slot of its first new token and how many slots hold keys with it, (slot, held)."
+    start, end = self._step[:2]
+    return start % self.window_size, min(end, self.window_size)
+
+@patch
+def step_buffers(self:KVCache):
+    "During a one-token step: every layer's whole keys and values, (B, KVH, capacity, hd) each, the slot and the slots held; None until every layer holds keys."
+    if self._step is None or self._step[1] - self._step[0] != 1:
+        raise ValueError("cache.step_buffers needs a one-token step in progress (after add_tokens)")
+    if any(keys is None for keys in self.keys): return None            # a fresh cache: `update` allocates first
+    for layer_idx, keys in enumerate(self.keys):
+        if keys.shape[2] < self.capacity: self._allocate(layer_idx, keys)   # this step grew the cache, as `update` would
+    return self.keys, self.values, *self.step_slot()
+
