@@ -187,7 +187,7 @@ def forward(self:BaseModel, input_ids, # (B, T) int64
 def run_blocks(self:BaseModel, x, # (B, T, C) the embedded tokens
                inputs:AttentionInputs, # this step's positions, masks and cache, shared by every block
               ) -> torch.Tensor: # (B, T, C) after the last block
-    "The blocks in order, each with its slot in the cache (chapter 46's `compile_decode` brackets them differently)."
+    "The blocks in order, each with its slot in the cache (chapter 46's `compile_decode` runs a decode step as one compiled graph instead)."
     for layer_idx, layer in enumerate(self.layers):
         x = layer(x, inputs=inputs, layer_idx=layer_idx)                     # (B, T, C): no checks inside
     return x
