@@ -97,7 +97,9 @@ class CompiledDecode:
         model, cache, buffers = self.model, inputs.kv_cache, None
         if x.shape[1] == 1 and not model.training and not torch.is_grad_enabled() and cache is not None:
             buffers = cache.step_buffers()                                     # None for a cache without buffers yet
-        if buffers is None:
+        attention = model.layers[0].attention
+        if buffers is None or buffers[0][0].dtype != x.dtype or \
+           buffers[0][0].shape[1::2] != (attention.num_kv_heads, attention.head_dim):   # foreign keys: eager says why
             return type(model).run_blocks(model, x, inputs)                   # prefill, training, no cache: eager blocks
         keys, values, slot, held = buffers
         step = whole_buffer_inputs(inputs, cache, held)                       # once per step, shared by every block

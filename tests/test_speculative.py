@@ -279,6 +279,17 @@ def test_compiled_decode_moe_block_by_block():
         assert generate_batch(compiled, [[3, 1, 4], [9, 2]], 6) == generate_batch(model, [[3, 1, 4], [9, 2]], 6)
 
 
+def test_compiled_decode_refuses_foreign_keys():
+    "A cache whose keys do not fit the model (another dtype) gets the eager step's clear error, not a tracing error."
+    torch.manual_seed(0)
+    model = compile_decode(tiny("llama-tiny", num_layers=2))
+    with torch.no_grad():
+        _, cache = model(PROMPT, use_cache=True)
+        half = cache.clone(dtype=torch.float16)                            # owned by no model: passes check_cache
+        with pytest.raises(ValueError, match="was it made for another model or layer"):
+            model(PROMPT[:, -1:], cache=half)
+
+
 def test_compiled_decode_bad_input():
     with pytest.raises(ValueError, match="compile_decode needs a model of the book"):
         compile_decode(torch.nn.Linear(2, 2))
