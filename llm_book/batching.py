@@ -61,9 +61,8 @@ def _block_step(block, x, step, keys, values, slot):
     "One block of a decode step as one graph: norm, q, k, v; k and v into the cache's slot; attention over every slot; the rest."
     q, k, v = block.pre_attention(x, step.rope_cos_sin)                   # (B, H, 1, hd), (B, KVH, 1, hd) x 2
     keys.index_copy_(2, slot, k); values.index_copy_(2, slot, v)           # in place: the cache's own buffers
-    attended = block.attention.attend(q, keys, values, step)                # (B, H, 1, hd): the mask hides empty slots
-    B, H, T, hd = attended.shape
-    return block.post_attention(x, attended.transpose(1, 2).reshape(B, T, H * hd))   # (B, 1, C)
+    attended = block.attention.attend_cached(q, keys, values, step)        # (B, 1, H * hd): `step` has no cache to update;
+    return block.post_attention(x, attended)                                # (B, 1, C)       its mask hides the empty slots
 
 def whole_buffer_inputs(inputs:AttentionInputs, # the step's inputs, made by the model (keys = the filled slots)
                         cache, # the model's cache, during this one-token step
@@ -89,7 +88,7 @@ class CompiledDecode:
     def __init__(self, model:torch.nn.Module, # the model whose `run_blocks` this replaces
                  graphs:dict, # "step": the compiled `_decode_step`; "block": the compiled `_block_step` (made on demand)
                 ):
-        self.model, self.graphs, self.compiled_once = model, graphs, False
+        self.model, self.graphs, self.slots_marked_dynamic = model, graphs, False
 
     def __call__(self, x, # (B, T, C) the embedded tokens
                  inputs, # this step's `AttentionInputs`
@@ -97,17 +96,18 @@ class CompiledDecode:
         model, cache, buffers = self.model, inputs.kv_cache, None
         if x.shape[1] == 1 and not model.training and not torch.is_grad_enabled() and cache is not None:
             buffers = cache.step_buffers()                                     # None for a cache without buffers yet
-        attention = model.layers[0].attention
-        if buffers is None or buffers[0][0].dtype != x.dtype or \
-           buffers[0][0].shape[1::2] != (attention.num_kv_heads, attention.head_dim):   # foreign keys: eager says why
+        if buffers is None:
             return type(model).run_blocks(model, x, inputs)                   # prefill, training, no cache: eager blocks
         keys, values, slot, held = buffers
+        attention = model.layers[0].attention
+        if keys[0].dtype != x.dtype or keys[0].shape[1::2] != (attention.num_kv_heads, attention.head_dim):
+            return type(model).run_blocks(model, x, inputs)                   # foreign keys: the eager step says why
         step = whole_buffer_inputs(inputs, cache, held)                       # once per step, shared by every block
-        if not self.compiled_once:   # the first graph: the number of slots symbolic, so a grown cache needs no new graph
+        if not self.slots_marked_dynamic:   # the first graph: the number of slots symbolic, so a grown cache needs no new graph
             for t in (*keys, *values): torch._dynamo.maybe_mark_dynamic(t, 2)
             for t in (step.key_positions, step.key_mask): torch._dynamo.maybe_mark_dynamic(t, 1)
             torch._dynamo.maybe_mark_dynamic(step.sdpa_mask, 3)
-            self.compiled_once = True
+            self.slots_marked_dynamic = True
         slot = torch.tensor([slot], device=x.device)                           # a tensor: the same graph every step
         graphs = self.graphs
         if "block" not in graphs:

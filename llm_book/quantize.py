@@ -5,6 +5,7 @@
 # %% ../nbs/43_quantize.ipynb #a38c6539
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import numpy as np
@@ -228,8 +229,10 @@ class QuantizedLinear(nn.Module):
                     bits:int=8, group_size:int|None=None, symmetric:bool=True, **kwargs):
         "Quantize a float `nn.Linear` (see `quantize_groupwise`, scales rounded to the layer's `scale_dtype` first); other keyword arguments go to the constructor."
         N, K = linear.weight.shape
-        stored = scale_dtype(bits, K, N, check_group_size(K, group_size), kwargs.get("backend", "auto"),
-                             kwargs.get("compute_dtype", torch.bfloat16), kwargs.get("activations", "float"))
+        defaults = inspect.signature(cls.__init__).parameters                # the constructor's defaults, not a copy
+        backend, compute_dtype, activations = (kwargs.get(name, defaults[name].default)
+                                               for name in ("backend", "compute_dtype", "activations"))
+        stored = scale_dtype(bits, K, N, check_group_size(K, group_size), backend, compute_dtype, activations)
         q, scale, offset = quantize_groupwise(linear.weight, bits, group_size, symmetric, scale_dtype=stored)
         return cls(q, scale, offset, bits, symmetric, bias=linear.bias, **kwargs)
 
